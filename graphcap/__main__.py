@@ -1,0 +1,5 @@
+import sys
+
+from graphcap.cli import main
+
+sys.exit(main())

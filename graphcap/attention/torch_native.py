@@ -1,0 +1,65 @@
+"""Paged attention in plain torch ops, for CPU and CUDA.
+
+One function serves prefill (ragged, on top of a cached prefix), decode and mixed batches. Queries are
+gathered into a padded [B, Lq] layout, keys into [B, L] via per-request slot indices, and a single
+masked SDPA call does the rest. Because it is plain torch, the compiler can see through it when a graph
+backend wants that; the opaque custom op in `op.py` wraps the very same function when it must not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store the new tokens' keys/values at their slots (padding tokens write to the reserved slot 0)."""
+    k_cache[slot_mapping] = k
+    v_cache[slot_mapping] = v
+
+
+def kv_indices_from_block_table(block_table: torch.Tensor, page_size: int) -> torch.Tensor:
+    """The cache slot of every key position of every request: [B, Np] pages -> [B, Np*page] slots."""
+    offsets = torch.arange(page_size, device=block_table.device, dtype=block_table.dtype)
+    return (block_table.unsqueeze(-1) * page_size + offsets).reshape(block_table.shape[0], -1)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_index: torch.Tensor,
+    q_pos: torch.Tensor,
+    out_index: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of ragged queries over their requests' cached keys.
+
+    q: [T, H, D]; caches: [S, Hkv, D]; kv_indices: [B, L] cache slot of each key position;
+    q_index: [B, Lq] token row of each padded query; q_pos: [B, Lq] absolute position of each query
+    (a query at position p sees keys 0..p); out_index: [T] row of each token in the flat [B*Lq] output.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    batch, max_q = q_index.shape
+    num_kv_heads = k_cache.shape[1]
+    key_len = kv_indices.shape[1]
+    qp = q.index_select(0, q_index.reshape(-1)).view(batch, max_q, num_heads, head_dim).transpose(1, 2)
+    flat_idx = kv_indices.reshape(-1)
+    kp = k_cache.index_select(0, flat_idx).view(batch, key_len, num_kv_heads, head_dim).transpose(1, 2)
+    vp = v_cache.index_select(0, flat_idx).view(batch, key_len, num_kv_heads, head_dim).transpose(1, 2)
+    key_pos = torch.arange(key_len, device=q.device)
+    mask = (key_pos.view(1, 1, key_len) <= q_pos.unsqueeze(-1)).unsqueeze(1)
+    if num_kv_heads != num_heads:
+        group = num_heads // num_kv_heads
+        kp = kp.repeat_interleave(group, dim=1)
+        vp = vp.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
+    out = out.transpose(1, 2).reshape(batch * max_q, num_heads * head_dim)
+    return out.index_select(0, out_index)

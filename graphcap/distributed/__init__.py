@@ -1,0 +1,1 @@
+"""Distributed: process groups, the capture-aware group coordinator, communicators."""

@@ -1,0 +1,41 @@
+"""Which tensor-parallel rank this process is, and the collectives TP layers call.
+
+With no group initialised the process is rank 0 of 1 and every collective is the identity, so the same
+layer code serves single-process and tensor-parallel runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_TP_GROUP = None
+
+
+def set_tp_group(group) -> None:
+    """Install the coordinator of the tensor-parallel group (None returns to single-process)."""
+    global _TP_GROUP
+    _TP_GROUP = group
+
+
+def get_tp_group():
+    return _TP_GROUP
+
+
+def get_tp_rank() -> int:
+    return 0 if _TP_GROUP is None else _TP_GROUP.rank_in_group
+
+
+def get_tp_size() -> int:
+    return 1 if _TP_GROUP is None else _TP_GROUP.world_size
+
+
+def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _TP_GROUP is None or _TP_GROUP.world_size == 1:
+        return x
+    return _TP_GROUP.all_reduce(x)
+
+
+def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    if _TP_GROUP is None or _TP_GROUP.world_size == 1:
+        return x
+    return _TP_GROUP.all_gather(x, dim)

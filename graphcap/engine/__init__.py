@@ -1,0 +1,1 @@
+"""Engine: requests, scheduler, sampler, tokenizer and the offline `LLM` API."""

@@ -1,0 +1,1 @@
+"""Model executor: loading, the paged KV cache, forward batches and the model runner."""

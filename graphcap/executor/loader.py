@@ -1,0 +1,112 @@
+"""Turn a checkpoint directory or a preset name into a loaded model. Safetensors only: never unpickle."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from graphcap.errors import UserError
+from graphcap.executor.presets import PRESETS, preset_config, preset_weights
+from graphcap.models.config import ModelConfig
+from graphcap.models.registry import resolve_decoder
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: its parsed config, HF config dict, weights and optional tokenizer."""
+
+    name: str
+    hf_config: dict
+    config: ModelConfig
+    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    tokenizer_path: Path | None
+
+
+def resolve_source(model: str) -> ModelSource:
+    if model in PRESETS:
+        hf = preset_config(model)
+        return ModelSource(model, hf, ModelConfig.from_hf(hf), lambda: preset_weights(model), None)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise UserError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
+    if not path.is_dir():
+        raise UserError(f"model path {str(path)!r} is not a directory (expected an HF checkpoint directory)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{path} has no config.json; not an HF-format checkpoint")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{cfg_file} must hold a JSON object")
+    config = ModelConfig.from_hf(hf)
+    files = safetensors_files(path)
+    tok = path / "tokenizer.json"
+    return ModelSource(str(path), hf, config, lambda: iter_safetensors(files), tok if tok.is_file() else None)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index} is malformed: {e}") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{index.name} names shard files that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise UserError(
+            f"{path} holds only pickle weights ({', '.join(sorted(pickles))}); graphcap never unpickles files. "
+            "Convert once with: python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{path}').save_pretrained('{path}-st', safe_serialization=True)\""
+        )
+    raise UserError(f"{path} has no *.safetensors weights")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+        except SafetensorError as e:
+            raise UserError(f"cannot read {f}: {e}") from None
+
+
+def build_model(
+    source: ModelSource, dtype: torch.dtype, device: torch.device, quant_method_factory=lambda: None
+) -> nn.Module:
+    cls = resolve_decoder(source.config.architecture)
+    with torch.device(device):
+        model = cls(source.config, dtype, quant_method_factory)
+    try:
+        loaded = model.load_weights(source.weights())
+    except ValueError as e:
+        raise UserError(f"checkpoint does not fit the model: {e}") from None
+    expected = {n for n, _ in model.named_parameters()}
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UserError(f"checkpoint is missing {len(missing)} weights: {shown}")
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
+    return model.eval()

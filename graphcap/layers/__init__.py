@@ -1,0 +1,1 @@
+"""Model building blocks, written once for eager, compiled, captured and tensor-parallel runs."""

@@ -1,0 +1,51 @@
+"""Vocab-parallel embedding and LM head: each rank holds a contiguous slice of the vocabulary."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphcap.distributed.parallel_state import (
+    get_tp_rank,
+    get_tp_size,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.tp_size = get_tp_size()
+        self.tp_rank = get_tp_rank()
+        self.vocab_size = vocab_size
+        self.shard = (vocab_size + self.tp_size - 1) // self.tp_size
+        self.start = self.tp_rank * self.shard
+        self.weight = nn.Parameter(torch.zeros(self.shard, hidden_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        part = loaded[self.start : self.start + self.shard]
+        if part.shape[1] != param.data.shape[1]:
+            raise ValueError(f"embedding width {part.shape[1]} does not match hidden size {param.data.shape[1]}")
+        param.data[: part.shape[0]].copy_(part)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        in_range = (local >= 0) & (local < self.shard)
+        out = F.embedding(local.clamp(0, self.shard - 1), self.weight) * in_range.unsqueeze(-1).to(self.weight.dtype)
+        return tensor_model_parallel_all_reduce(out)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Use the table as an LM head (tied or not): logits per shard, gathered to the full vocabulary."""
+        logits = F.linear(hidden, self.weight)
+        if self.tp_size > 1:
+            logits = tensor_model_parallel_all_gather(logits, dim=-1)
+        return logits[..., : self.vocab_size]
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """An untied LM head; it shares the embedding's sharding and logits computation."""

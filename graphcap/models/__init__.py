@@ -1,0 +1,1 @@
+"""Our own model definitions, keyed by the HF `architectures` name."""

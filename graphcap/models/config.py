@@ -1,0 +1,84 @@
+"""The parts of an HF `config.json` our decoder models use, normalised across transformers versions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from graphcap.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise UserError("config.json has no 'architectures' entry; cannot tell which model to build")
+        arch = archs[0]
+        try:
+            hidden = int(hf["hidden_size"])
+            heads = int(hf["num_attention_heads"])
+            rope_params = dict(hf.get("rope_parameters") or {})
+            scaling = hf.get("rope_scaling") or None
+            if scaling is None and rope_params.get("rope_type", "default") != "default":
+                scaling = rope_params
+            theta = float(hf.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
+            eos = hf.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            return cls(
+                architecture=arch,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hidden // heads),
+                intermediate_size=int(hf["intermediate_size"]),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+                qk_norm=arch == "Qwen3ForCausalLM",
+                eos_token_ids=eos_ids,
+            )
+        except KeyError as e:
+            raise UserError(f"config.json is missing required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"config.json has a malformed value: {e}") from None
+
+    def digest(self) -> str:
+        """Stable hash of the architecture, for keying compiled artifacts."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise UserError(f"unsupported dtype {name!r} (choose from {', '.join(sorted(table))})")
+    return table[name]

@@ -1,0 +1,164 @@
+"""Llama-family decoder (Llama, Qwen2 with qkv bias, Qwen3 with q/k RMSNorm).
+
+The forward is split into `embed`, `body` (the layer stack, the part prefill graphs capture) and
+`compute_logits`, so graph runners can capture exactly the piece they own while the rest runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graphcap.attention.backend import TorchNativeAttnBackend
+from graphcap.attention.metadata import AttentionMetadata
+from graphcap.distributed.parallel_state import get_tp_size
+from graphcap.layers.activation import SiluAndMul
+from graphcap.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from graphcap.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from graphcap.layers.norm import RMSNorm
+from graphcap.layers.rotary import RotaryEmbedding
+from graphcap.models.config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quant_method_factory) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.attention_bias, dtype,
+            quant_method_factory(),
+        )
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, dtype, quant_method_factory())
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim**-0.5
+        self.attn_backend: TorchNativeAttnBackend | None = None
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        self.cache_key = -1
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn_backend.forward(q, k, v, meta, self.k_cache, self.v_cache, self.cache_key, self.scale)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quant_method_factory) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [cfg.intermediate_size] * 2, False, dtype, quant_method_factory()
+        )
+        self.act = SiluAndMul()
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, dtype, quant_method_factory())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quant_method_factory) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, dtype, quant_method_factory)
+        self.mlp = MLP(cfg, dtype, quant_method_factory)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Also serves Qwen2ForCausalLM and Qwen3ForCausalLM: their differences live in ModelConfig."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quant_method_factory=lambda: None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, quant_method_factory) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.tp_size = get_tp_size()
+
+    # -- the three stages graph runners compose -------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def body(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The layer stack; returns the final pre-norm hidden state (residual folded in)."""
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        return hidden + residual
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm(hidden)
+        return self.lm_head.compute_logits(hidden)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, select: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits of the tokens in `select` (all tokens when None)."""
+        hidden = self.body(self.embed(input_ids), positions, meta)
+        if select is not None:
+            hidden = hidden.index_select(0, select)
+        return self.compute_logits(hidden)
+
+    # -- binding the runtime ------------------------------------------------------------------------
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.layers]
+
+    def load_weights(self, weights) -> set[str]:
+        """Load (name, tensor) pairs in HF naming; returns the parameter names that were filled."""
+        stacked = {
+            "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+        }
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith("model."):
+                name = name[len("model."):]
+            if "rotary_emb" in name:
+                continue
+            if name.startswith("lm_head.") and self.config.tie_word_embeddings:
+                continue
+            shard = None
+            for hf_part, (ours, shard_id) in stacked.items():
+                if f".{hf_part}." in name:
+                    name, shard = name.replace(hf_part, ours), shard_id
+                    break
+            param = params.get(name)
+            if param is None:
+                continue
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+                param.data.copy_(tensor)
+            else:
+                loader(param, tensor.to(param.dtype) if tensor.is_floating_point() and param.dtype.is_floating_point else tensor, shard)
+            loaded.add(name)
+        return loaded
