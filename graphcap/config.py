@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from graphcap.errors import UserError
+from graphcap.graph.config import DEFAULT_DECODE_SIZES, DecodeGraphConfig
 
-GRAPH_DECODE_MODES = ("eager",)
 GRAPH_PREFILL_MODES = ("eager",)
 
 
@@ -26,11 +26,31 @@ class EngineConfig:
     max_running_requests: int = 64
     max_prefill_tokens: int = 2048  # prefill token budget per step; longer prompts are chunked
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    decode_sizes: list[int] | tuple[int, ...] = DEFAULT_DECODE_SIZES
+    max_decode_batch_size: int | None = None
+    graph_select: str = "auto"
+    graph_verify: str = "warn"
+    decode_attention: str = "auto"
+    inductor_options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
+    def decode_graph(self) -> DecodeGraphConfig:
+        if not isinstance(self.decode_sizes, (list, tuple)):
+            raise UserError(f"decode_sizes must be a list of integers, got {self.decode_sizes!r}")
+        if not isinstance(self.inductor_options, dict):
+            raise UserError(f"inductor_options must be a mapping, got {self.inductor_options!r}")
+        return DecodeGraphConfig(
+            mode=self.graph_decode,
+            sizes=tuple(self.decode_sizes),
+            max_batch_size=self.max_decode_batch_size,
+            select=self.graph_select,
+            verify=self.graph_verify,
+            attention=self.decode_attention,
+            inductor_options=tuple(sorted(self.inductor_options.items())),
+        )
+
     def validate(self) -> None:
-        if self.graph_decode not in GRAPH_DECODE_MODES:
-            raise UserError(f"graph_decode={self.graph_decode!r} is not supported; choose from {GRAPH_DECODE_MODES}")
+        self.decode_graph().validate()
         if self.graph_prefill not in GRAPH_PREFILL_MODES:
             raise UserError(
                 f"graph_prefill={self.graph_prefill!r} is not supported; choose from {GRAPH_PREFILL_MODES}"

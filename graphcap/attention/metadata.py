@@ -28,6 +28,7 @@ class AttentionMetadata:
     q_pos: torch.Tensor  # [B, Lq] absolute position of each padded query slot
     out_index: torch.Tensor  # [T] row of each token in the flattened [B*Lq] attention output
     page_size: int
+    inline: bool = False  # True: expose attention's torch ops to the compiler instead of the opaque op
 
     def kv_indices(self) -> torch.Tensor:
         """In-graph prepare: the cache slot of every key position of every request, [B, Np*page]."""
@@ -78,27 +79,20 @@ def build_metadata(
 class StaticMetadataBuffers:
     """Capture/replay hooks for decode graphs: static metadata for up to `max_bs` requests.
 
-    `view(bs, cols)` gives the metadata a graph is captured with; `load(meta)` copies a live batch into
-    the same storage before replay. Rows beyond the live batch point at the reserved page 0, so padded
-    requests read and write only the padding slot.
+    `args(bs, cols)` gives the tensors a graph is captured with (views of fixed storage); `load(meta)`
+    copies a live batch into the same storage before replay. Rows beyond the live batch point at the
+    reserved page 0, so padded requests read and write only the padding slot.
     """
 
     def __init__(self, max_bs: int, max_pages_cols: int, page_size: int, device: torch.device) -> None:
         self.page_size = page_size
+        self.max_pages_cols = max_pages_cols
         self.slot_mapping = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.block_table = torch.zeros(max_bs, max_pages_cols, dtype=torch.int64, device=device)
         self.q_pos = torch.zeros(max_bs, 1, dtype=torch.int64, device=device)
-        self.arange = torch.arange(max_bs, dtype=torch.int64, device=device)
 
-    def view(self, bs: int, cols: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs],
-            block_table=self.block_table[:bs, :cols],
-            q_index=self.arange[:bs].view(bs, 1),
-            q_pos=self.q_pos[:bs],
-            out_index=self.arange[:bs],
-            page_size=self.page_size,
-        )
+    def args(self, bs: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.slot_mapping[:bs], self.block_table[:bs, :cols], self.q_pos[:bs]
 
     def load(self, meta: AttentionMetadata, bs: int, cols: int) -> None:
         """Replay hook: copy the live decode batch's metadata in, padding the rest."""
@@ -110,3 +104,12 @@ class StaticMetadataBuffers:
         self.block_table[:live, :live_cols].copy_(meta.block_table)
         self.q_pos[:live].copy_(meta.q_pos)
         self.q_pos[live:bs].zero_()
+
+
+def decode_metadata(
+    slot_mapping: torch.Tensor, block_table: torch.Tensor, q_pos: torch.Tensor, page_size: int, inline: bool
+) -> AttentionMetadata:
+    """In-graph prepare for decode: one query per request, so the query/output maps are aranges."""
+    bs = slot_mapping.shape[0]
+    rows = torch.arange(bs, device=slot_mapping.device)
+    return AttentionMetadata(slot_mapping, block_table, rows.view(bs, 1), q_pos, rows, page_size, inline)

@@ -63,3 +63,31 @@ def paged_attention(
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
     out = out.transpose(1, 2).reshape(batch * max_q, num_heads * head_dim)
     return out.index_select(0, out_index)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_pos: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per request, written as broadcast-multiply-reduce rather than SDPA.
+
+    Under Inductor the cache gather fuses into the two reductions, so gathered K/V are never
+    materialised and no per-call kernel setup is paid; that beats the SDPA kernel for decode on CPU.
+    q: [B, H, D]; kv_indices: [B, L]; q_pos: [B, 1] -> [B, H*D].
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    keys = k_cache[kv_indices]  # [B, L, Hkv, D]
+    values = v_cache[kv_indices]
+    qg = q.view(batch, 1, num_kv_heads, group, head_dim).float()
+    scores = (qg * keys.unsqueeze(3).float()).sum(-1) * scale  # [B, L, Hkv, G]
+    key_pos = torch.arange(kv_indices.shape[1], device=q.device)
+    visible = (key_pos.view(1, -1) <= q_pos.view(-1, 1)).view(batch, -1, 1, 1)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=1)
+    out = (probs.unsqueeze(-1) * values.unsqueeze(3).float()).sum(1)  # [B, Hkv, G, D]
+    return out.to(q.dtype).reshape(batch, num_heads * head_dim)

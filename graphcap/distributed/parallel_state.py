@@ -6,6 +6,8 @@ layer code serves single-process and tensor-parallel runs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _TP_GROUP = None
@@ -39,3 +41,11 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
     if _TP_GROUP is None or _TP_GROUP.world_size == 1:
         return x
     return _TP_GROUP.all_gather(x, dim)
+
+
+def graph_capture():
+    """The TP group's capture context (enters every communicator's capture mode), or a null context
+    when there is no group, so runners always capture inside it."""
+    if _TP_GROUP is None:
+        return contextlib.nullcontext()
+    return _TP_GROUP.graph_capture()

@@ -16,8 +16,10 @@ from graphcap.engine.scheduler import Scheduler
 from graphcap.engine.tokenizer import Tokenizer
 from graphcap.errors import UserError
 from graphcap.executor.kv_cache import KVCache
+from graphcap.executor.forward_batch import ForwardMode
 from graphcap.executor.loader import build_model, resolve_source
 from graphcap.executor.model_runner import ModelRunner
+from graphcap.graph.runners.decode import DecodeGraphRunner
 from graphcap.models.config import parse_dtype
 
 log = logging.getLogger("graphcap")
@@ -44,10 +46,21 @@ class LLM:
             model_module, source.config, self.dtype, self.device, self._kv_tokens(), cfg.page_size
         )
         self.load_seconds = time.perf_counter() - t0
+        self.decode_runner = self._capture_decode_graphs()
         self.scheduler = Scheduler(self.runner.pool, cfg.max_running_requests, cfg.max_prefill_tokens)
         self._next_rid = 0
         self._counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefill_steps": 0,
                           "decode_steps": 0}
+
+    def _capture_decode_graphs(self) -> DecodeGraphRunner | None:
+        graph_cfg = self.config.decode_graph()
+        if graph_cfg.mode == "eager":
+            return None
+        runner = DecodeGraphRunner(self.runner, graph_cfg, self.config.max_running_requests, self.max_model_len)
+        runner.capture()
+        self.runner.graph_runners[ForwardMode.DECODE] = runner
+        self.runner.graph_runners[ForwardMode.TARGET_VERIFY] = runner
+        return runner
 
     def _kv_tokens(self) -> int:
         cfg = self.config
@@ -91,6 +104,8 @@ class LLM:
             kv_cache={"pages": pool.usable_pages, "free_pages": pool.free_pages, "page_size": pool.page_size,
                       "bytes": self.runner.kv_cache.nbytes()},
             eager_steps=dict(self.runner.eager_steps),
+            decode=self.decode_runner.stats() if self.decode_runner else {"mode": "eager", "replays": 0,
+                                                                        "rejects": {}, "captured": []},
             load_seconds=round(self.load_seconds, 3),
         )
         return out

@@ -22,6 +22,9 @@ class GraphRunner(Protocol):
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits of the batch's selected tokens."""
 
+    def count_reject(self, reason: str) -> None:
+        """Record a batch that ran eagerly, and why."""
+
     def stats(self) -> dict: ...
 
 
@@ -46,7 +49,7 @@ class ModelRunner:
             config.num_layers, num_pages, page_size, attn0.num_kv_heads, config.head_dim, dtype, device
         )
         self.kv_cache.bind(model.attention_layers())
-        self.attn_backend = TorchNativeAttnBackend(opaque=True)
+        self.attn_backend = TorchNativeAttnBackend()
         for layer in model.attention_layers():
             layer.attn_backend = self.attn_backend
         self.graph_runners: dict[ForwardMode, GraphRunner] = {}
@@ -86,8 +89,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         runner = self.graph_runners.get(batch.mode)
-        if runner is not None and runner.can_run(batch) is None:
-            return runner.run(batch)
+        if runner is not None:
+            reason = runner.can_run(batch)
+            if reason is None:
+                return runner.run(batch)
+            runner.count_reject(reason)
         self.eager_steps[batch.mode.value] += 1
         return self.forward_eager(batch)
 

@@ -1,0 +1,43 @@
+"""Counters every graph runner keeps, so each fallback to eager is visible with its reason."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BucketReport:
+    size: int
+    status: str = "pending"  # graph | eager (slower) | rejected
+    reason: str | None = None
+    graph_ms: float | None = None
+    eager_ms: float | None = None
+    max_abs_diff: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "size"}
+
+
+@dataclass
+class RunnerStats:
+    mode: str
+    replays: int = 0
+    rejects: Counter = field(default_factory=Counter)
+    buckets: dict[int, BucketReport] = field(default_factory=dict)
+    capture_seconds: float = 0.0
+    graph_memory_bytes: int = 0
+
+    def reject(self, reason: str) -> None:
+        self.rejects[reason] += 1
+
+    def as_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "replays": self.replays,
+            "rejects": dict(self.rejects),
+            "captured": sorted(s for s, b in self.buckets.items() if b.status == "graph"),
+            "buckets": {s: b.as_dict() for s, b in sorted(self.buckets.items())},
+            "capture_seconds": round(self.capture_seconds, 3),
+            "graph_memory_bytes": self.graph_memory_bytes,
+        }
