@@ -61,6 +61,8 @@ class EngineConfig:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.kv_cache_tokens is not None and (not isinstance(self.kv_cache_tokens, int) or self.kv_cache_tokens < 1):
             raise UserError(f"kv_cache_tokens must be a positive integer, got {self.kv_cache_tokens!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise UserError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         frac = self.kv_cache_memory_fraction
         if frac is not None and not (0 < frac < 1):
             raise UserError(f"kv_cache_memory_fraction must be in (0, 1), got {frac!r}")

@@ -164,6 +164,10 @@ class LLM:
                 )
             ids = [self.tokenizer.encode(p) if isinstance(p, str) else _bad_prompt(p) for p in prompts]
         else:
+            if isinstance(prompt_token_ids, (str, bytes)) or any(
+                not isinstance(p, (list, tuple)) for p in prompt_token_ids
+            ):
+                raise UserError("prompt_token_ids must be a list of token-id lists, e.g. [[1, 2, 3]]")
             ids = [list(p) for p in prompt_token_ids]
         vocab = self.model_config.vocab_size
         for i, p in enumerate(ids):

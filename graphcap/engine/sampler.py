@@ -17,7 +17,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    logits = logits / p.temperature
+    # Shift by the max and divide in float64: softmax is unchanged, but a tiny temperature can no longer
+    # overflow fp32 to inf (inf - inf = NaN) or be rounded to 0 (0 / 0 = NaN).
+    logits = (logits - logits.max()).double() / p.temperature
     if p.top_k > 0 and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -25,7 +27,7 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         cum = sorted_probs.cumsum(0)
-        drop = cum - sorted_probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = cum - sorted_probs >= p.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())

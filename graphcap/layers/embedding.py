@@ -26,6 +26,10 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if loaded.dim() != 2 or loaded.shape[0] != self.vocab_size:
+            raise ValueError(
+                f"embedding/lm_head has shape {tuple(loaded.shape)}, expected ({self.vocab_size}, hidden)"
+            )
         part = loaded[self.start : self.start + self.shard]
         if part.shape[1] != param.data.shape[1]:
             raise ValueError(f"embedding width {part.shape[1]} does not match hidden size {param.data.shape[1]}")

@@ -32,7 +32,9 @@ class Attention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, dtype, quant_method_factory())
+        self.o_proj = RowParallelLinear(
+            cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_proj_bias, dtype, quant_method_factory()
+        )
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -60,10 +62,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quant_method_factory) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            cfg.hidden_size, [cfg.intermediate_size] * 2, False, dtype, quant_method_factory()
+            cfg.hidden_size, [cfg.intermediate_size] * 2, cfg.mlp_bias, dtype, quant_method_factory()
         )
         self.act = SiluAndMul()
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, dtype, quant_method_factory())
+        self.down_proj = RowParallelLinear(
+            cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, dtype, quant_method_factory()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -101,6 +105,12 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
         self.tp_size = get_tp_size()
+        # RMSNorm builds fp32 weights; in the model dtype (as HF keeps them) the norm's output stays in
+        # that dtype, so bf16/fp16 linears are not handed fp32 activations.
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.requires_grad_(False)
+                module.weight.data = module.weight.data.to(dtype)
 
     # -- the three stages graph runners compose -------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -131,16 +141,23 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn for layer in self.layers]
 
     def load_weights(self, weights) -> set[str]:
-        """Load (name, tensor) pairs in HF naming; returns the parameter names that were filled."""
+        """Load (name, tensor) pairs in HF naming; returns the parameter names that were completely filled.
+
+        A stacked parameter (qkv_proj, gate_up_proj) counts as loaded only once every part arrived, so a
+        checkpoint missing k_proj is reported as missing rather than served with zeros. A tensor the model
+        has no place for is an error: silently dropping it (an o_proj bias, an extra layer) gives wrong output.
+        """
         stacked = {
             "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
         }
+        parts_of = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {0, 1}}
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.startswith("model."):
-                name = name[len("model."):]
+        got_parts: dict[str, set] = {}
+        unexpected: list[str] = []
+        for hf_name, tensor in weights:
+            name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
             if "rotary_emb" in name:
                 continue
             if name.startswith("lm_head.") and self.config.tie_word_embeddings:
@@ -152,6 +169,7 @@ class LlamaForCausalLM(nn.Module):
                     break
             param = params.get(name)
             if param is None:
+                unexpected.append(hf_name)
                 continue
             loader = getattr(param, "weight_loader", None)
             if loader is None:
@@ -159,6 +177,17 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
                 param.data.copy_(tensor)
             else:
-                loader(param, tensor.to(param.dtype) if tensor.is_floating_point() and param.dtype.is_floating_point else tensor, shard)
-            loaded.add(name)
+                if tensor.is_floating_point() and param.dtype.is_floating_point:
+                    tensor = tensor.to(param.dtype)
+                loader(param, tensor, shard)
+            if shard is None:
+                loaded.add(name)
+            else:
+                got = got_parts.setdefault(name, set())
+                got.add(shard)
+                if got >= parts_of[name.split(".")[-2]]:
+                    loaded.add(name)
+        if unexpected:
+            shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+            raise ValueError(f"{len(unexpected)} checkpoint tensors have no place in the model: {shown}")
         return loaded
