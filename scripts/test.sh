@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets everything up, then runs the default test suite (CUDA tests skip themselves without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"
