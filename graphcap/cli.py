@@ -32,6 +32,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--max-prefill-tokens", type=int, default=2048)
+    p.add_argument("--decode-sizes", type=_int_list, default=None, help="decode batch buckets, e.g. 1,2,4,8")
+    p.add_argument("--graph-select", default=None, choices=["auto", "always"],
+                   help="auto: keep a bucket's graph only where it beats eager at capture")
+    p.add_argument("--graph-verify", default=None, choices=["warn", "strict", "off"])
     p.add_argument("--graph-config", default=None, help="JSON file of engine/graph options")
 
 
@@ -47,6 +51,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
     )
+    optional = {"decode_sizes": args.decode_sizes, "graph_select": args.graph_select,
+                "graph_verify": args.graph_verify}
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
     return kwargs
 
 
