@@ -21,17 +21,18 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by every subcommand that builds an engine."""
+    """Options shared by every subcommand that builds an engine. Defaults are None so that only flags the
+    user gave override `--graph-config`; the engine's own defaults apply otherwise."""
     p.add_argument("--model", required=True, help="HF checkpoint directory or preset name (tiny, small)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--tp", type=int, default=1, dest="tp_size", help="tensor-parallel ranks")
-    p.add_argument("--graph-decode", default="eager")
-    p.add_argument("--graph-prefill", default="eager")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--tp", type=int, default=None, dest="tp_size", help="tensor-parallel ranks")
+    p.add_argument("--graph-decode", default=None, help="eager (default) or full")
+    p.add_argument("--graph-prefill", default=None, help="eager (default)")
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
-    p.add_argument("--max-running-requests", type=int, default=64)
-    p.add_argument("--max-prefill-tokens", type=int, default=2048)
+    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--max-prefill-tokens", type=int, default=None)
     p.add_argument("--decode-sizes", type=_int_list, default=None, help="decode batch buckets, e.g. 1,2,4,8")
     p.add_argument("--graph-select", default=None, choices=["auto", "always"],
                    help="auto: keep a bucket's graph only where it beats eager at capture")
@@ -45,15 +46,14 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {}
     if args.graph_config:
         kwargs.update(load_json_config(args.graph_config))
-    kwargs.update(
-        device=args.device, dtype=args.dtype, tp_size=args.tp_size, graph_decode=args.graph_decode,
-        graph_prefill=args.graph_prefill, kv_cache_tokens=args.kv_cache_tokens,
-        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
-        max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
-    )
-    optional = {"decode_sizes": args.decode_sizes, "graph_select": args.graph_select,
-                "graph_verify": args.graph_verify}
-    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    given = {
+        "device": args.device, "dtype": args.dtype, "tp_size": args.tp_size, "graph_decode": args.graph_decode,
+        "graph_prefill": args.graph_prefill, "kv_cache_tokens": args.kv_cache_tokens,
+        "kv_cache_memory_fraction": args.kv_cache_memory_fraction,
+        "max_running_requests": args.max_running_requests, "max_prefill_tokens": args.max_prefill_tokens,
+        "decode_sizes": args.decode_sizes, "graph_select": args.graph_select, "graph_verify": args.graph_verify,
+    }
+    kwargs.update({k: v for k, v in given.items() if v is not None})
     return kwargs
 
 
