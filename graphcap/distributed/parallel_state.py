@@ -49,3 +49,11 @@ def graph_capture():
     if _TP_GROUP is None:
         return contextlib.nullcontext()
     return _TP_GROUP.graph_capture()
+
+
+def graph_replay():
+    """The context graphs replay in: collectives inside CPU-compiled graphs take their capture path
+    (shared memory) here; a null context without a group."""
+    if _TP_GROUP is None:
+        return contextlib.nullcontext()
+    return _TP_GROUP.graph_replay()

@@ -18,6 +18,7 @@ from graphcap.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from graphcap.layers.norm import RMSNorm
 from graphcap.layers.rotary import RotaryEmbedding
 from graphcap.models.config import ModelConfig
+from graphcap.models.segments import SegmentedBody, run_segmented
 
 
 class Attention(nn.Module):
@@ -44,7 +45,8 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
         self.cache_key = -1
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def project(self, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Everything before attention proper: q/k/v projection, optional q/k norm, rotary."""
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
@@ -54,8 +56,11 @@ class Attention(nn.Module):
             q = self.q_norm(q)
             k = self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = self.attn_backend.forward(q, k, v, meta, self.k_cache, self.v_cache, self.cache_key, self.scale)
-        return self.o_proj(out)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The eager-break point of breakable and piecewise graphs: it alone reads per-request metadata."""
+        return self.attn_backend.forward(q, k, v, meta, self.k_cache, self.v_cache, self.cache_key, self.scale)
 
 
 class MLP(nn.Module):
@@ -81,17 +86,44 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def pre_attention(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
+        q, k, v = self.self_attn.project(positions, hidden)
+        return q, k, v, residual
+
+    def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.self_attn.o_proj(attn_out)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+def first_segment(layer: DecoderLayer, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Body start up to the first attention."""
+    return layer.pre_attention(positions, hidden, None)
+
+
+def middle_segment(
+    layer: DecoderLayer, next_layer: DecoderLayer, positions: torch.Tensor, attn_out: torch.Tensor, residual: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """From one layer's attention output to the next layer's attention inputs."""
+    hidden, residual = layer.post_attention(attn_out, residual)
+    return next_layer.pre_attention(positions, hidden, residual)
+
+
+def last_segment(layer: DecoderLayer, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """From the last attention output to the final pre-norm hidden state (residual folded in)."""
+    hidden, residual = layer.post_attention(attn_out, residual)
+    return hidden + residual
+
+
+def attend(layer: DecoderLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    return layer.self_attn.attend(q, k, v, meta)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -116,12 +148,14 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
+    def segmented_body(self) -> SegmentedBody:
+        """The explicit body interface prefill graphs capture: the layer stack as segments between
+        attention calls. `body` runs exactly these functions, so eager and graphs share one code path."""
+        return SegmentedBody(list(self.layers), first_segment, middle_segment, last_segment, attend)
+
     def body(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The layer stack; returns the final pre-norm hidden state (residual folded in)."""
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
-        return hidden + residual
+        return run_segmented(self.segmented_body(), hidden, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.norm(hidden)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from graphcap.attention.metadata import StaticMetadataBuffers, decode_metadata
-from graphcap.distributed.parallel_state import graph_capture
+from graphcap.distributed.parallel_state import graph_capture, graph_replay
 from graphcap.errors import UserError
 from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
 from graphcap.graph.backends import make_backend
@@ -33,7 +33,9 @@ VERIFY_TRIALS = 2
 
 
 class DecodeGraphRunner:
-    def __init__(self, model_runner, cfg: DecodeGraphConfig, max_running_requests: int, max_model_len: int) -> None:
+    def __init__(
+        self, model_runner, cfg: DecodeGraphConfig, max_running_requests: int, max_model_len: int, compiler=None
+    ) -> None:
         self.mr = model_runner
         self.cfg = cfg
         self.device = model_runner.device
@@ -46,12 +48,13 @@ class DecodeGraphRunner:
         self.static_cols = self.device.type == "cuda"  # CUDA graphs fix every shape; Inductor allows one dynamic dim
         attention = cfg.attention
         if attention == "auto":
-            attention = "opaque" if self.device.type == "cuda" else "inline"
+            # piecewise splits the graph at the opaque op; CUDA graphs of the whole step need it too
+            attention = "opaque" if self.device.type == "cuda" or cfg.mode == "piecewise" else "inline"
         self.inline_attention = attention == "inline"
         self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=self.device)
         self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=self.device)
         self.meta = StaticMetadataBuffers(self.max_bs, self.max_cols, self.page_size, self.device)
-        self.backend = make_backend(cfg.mode, self.device, dict(cfg.inductor_options))
+        self.backend = make_backend(cfg.mode, self.device, dict(cfg.inductor_options), compiler)
         self.replays: dict[int, Replay] = {}
         self._stats = RunnerStats(mode=cfg.mode)
 
@@ -111,7 +114,8 @@ class DecodeGraphRunner:
         self.positions[:bs].copy_(batch.positions)
         self.positions[bs:bucket].zero_()
         self.meta.load(batch.attn, bucket, cols)
-        return self.replays[bucket](self._args(bucket, cols))[:bs]
+        with graph_replay():
+            return self.replays[bucket](self._args(bucket, cols))[:bs]
 
     # -- capture --------------------------------------------------------------------------------------
     @torch.inference_mode()
