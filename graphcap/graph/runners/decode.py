@@ -10,6 +10,7 @@ and faster.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 
 import torch
@@ -24,11 +25,11 @@ from graphcap.graph.backends.base import Replay
 from graphcap.graph.config import DecodeGraphConfig
 from graphcap.graph.probe import ProbeBatches, rss_bytes
 from graphcap.graph.stats import BucketReport, RunnerStats
-from graphcap.graph.verify import compare, interleaved_medians
+from graphcap.graph.verify import compare, faster, interleaved_timings
 
 log = logging.getLogger("graphcap")
 
-TIMING_ITERS = 9
+TIMING_ITERS = 15
 VERIFY_TRIALS = 2
 
 
@@ -168,10 +169,11 @@ class DecodeGraphRunner:
         report.max_abs_diff = worst
         if self.cfg.select == "auto":
             batch = probes.decode(bs, max_context=self.page_size * 4)
-            report.graph_ms, report.eager_ms = interleaved_medians(
+            graph_ms, eager_ms = interleaved_timings(
                 lambda: self._replay(batch, bucket=bs), lambda: self.mr.forward_eager(batch), TIMING_ITERS
             )
-            if report.graph_ms >= report.eager_ms:
+            report.graph_ms, report.eager_ms = statistics.median(graph_ms), statistics.median(eager_ms)
+            if not faster(graph_ms, eager_ms):
                 report.status, report.reason = "eager", "bucket_slower_than_eager"
                 return
         report.status = "graph"
