@@ -86,6 +86,20 @@ class ModelRunner:
             page_tables=page_tables,
         )
 
+    def execute(
+        self, mode: ForwardMode, token_ids: list[list[int]], prefix_lens: list[int], page_tables: list[list[int]]
+    ) -> torch.Tensor:
+        """One engine step from plain lists: the interface the engine drives, local or across TP ranks."""
+        return self.forward(self.make_batch(mode, token_ids, prefix_lens, page_tables))
+
+    def graph_stats(self) -> dict:
+        """Per-phase graph counters; a phase without a graph runner reports mode "eager"."""
+        out = {}
+        for mode, name in ((ForwardMode.DECODE, "decode"), (ForwardMode.PREFILL, "prefill")):
+            runner = self.graph_runners.get(mode)
+            out[name] = runner.stats() if runner else {"mode": "eager", "replays": 0, "rejects": {}, "captured": []}
+        return out
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         runner = self.graph_runners.get(batch.mode)

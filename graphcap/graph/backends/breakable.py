@@ -1,0 +1,133 @@
+"""Breakable graphs: the body captured as segments that end where an eager break (attention) begins
+and resume after it. Breaks run eagerly with the live batch's metadata, so segments depend only on the
+token count.
+
+CUDA: one CUDA graph per segment per bucket, in one shared pool; replay launches segment i, runs break i
+and copies its output into the buffer segment i+1 was captured reading. The tensors a break reads (the
+previous segment's outputs) are held by strong references for the backend's lifetime: if they were
+weak, the pool could hand their memory to another bucket's capture and a replay would read garbage.
+
+CPU: regional compilation. Each segment kind (first, middle, last) is compiled once with a dynamic token
+dimension, and the one compiled middle segment serves every layer (weights are inputs, not constants),
+so startup pays three small compiles instead of one whole-model trace per bucket.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Callable, Sequence
+
+import torch
+
+from graphcap.attention.metadata import AttentionMetadata
+from graphcap.graph.backends.base import Replay
+from graphcap.graph.backends.cpu_inductor import fresh_function
+from graphcap.models.segments import SegmentedBody, run_segmented
+
+
+def _metadata(args: Sequence[torch.Tensor], page_size: int) -> AttentionMetadata:
+    slot_mapping, block_table, q_index, q_pos, out_index = args[2:7]
+    return AttentionMetadata(slot_mapping, block_table, q_index, q_pos, out_index, page_size)
+
+
+def make_breakable_backend(body: SegmentedBody, device: torch.device, inductor_options: dict, page_size: int):
+    if device.type == "cuda":
+        return CudaBreakableBackend(body, device, page_size)
+    return CpuBreakableBackend(body, inductor_options, page_size)
+
+
+class CpuBreakableBackend:
+    name = "breakable-cpu-regional"
+
+    def __init__(self, body: SegmentedBody, inductor_options: dict, page_size: int) -> None:
+        self.page_size = page_size
+        # Guards are skipped for the reason given in cpu_inductor.py; shapes are covered by the dynamic
+        # token dimension and every layer passes its own weights as inputs.
+        options = {**inductor_options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+
+        def compiled(fn: Callable) -> Callable:
+            return torch.compile(fresh_function(fn), fullgraph=True, dynamic=True, options=options)
+
+        self.body = SegmentedBody(body.layers, compiled(body.first), compiled(body.middle), compiled(body.last),
+                                  body.attend)
+
+    def capture(
+        self,
+        fn: Callable[..., torch.Tensor],
+        args: tuple[torch.Tensor, ...],
+        label: str,
+        dynamic: Sequence[tuple[int, int]] = (),
+    ) -> Replay:
+        """`fn` is the unsegmented body; this backend runs the same computation from the model's segments."""
+
+        def replay(current: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            return run_segmented(self.body, current[0], current[1], _metadata(current, self.page_size))
+
+        replay(args)
+        return replay
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
+class CudaBreakableBackend:
+    name = "breakable-cuda-graph"
+
+    def __init__(self, body: SegmentedBody, device: torch.device, page_size: int) -> None:
+        self.body = body
+        self.device = device
+        self.page_size = page_size
+        self.pool = torch.cuda.graph_pool_handle()
+        self.captured: dict[str, tuple] = {}  # strong references: graphs, break inputs/outputs, result
+        self._reserved_before = torch.cuda.memory_reserved(device)
+
+    def capture(
+        self,
+        fn: Callable[..., torch.Tensor],
+        args: tuple[torch.Tensor, ...],
+        label: str,
+        dynamic: Sequence[tuple[int, int]] = (),
+    ) -> Replay:
+        body, layers = self.body, self.body.layers
+        hidden, positions = args[0], args[1]
+        meta = _metadata(args, self.page_size)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        graphs: list[torch.cuda.CUDAGraph] = []
+        breaks: list[tuple] = []
+        gc.collect()
+        gc.freeze()
+        try:
+            with torch.cuda.stream(stream):
+                run_segmented(body, hidden, positions, meta)  # warm-up outside capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    q, k, v, residual = body.first(layers[0], positions, hidden)
+                graphs.append(graph)
+                for i, layer in enumerate(layers):
+                    attn_out = body.attend(layer, q, k, v, meta)  # the break: eager, between captures
+                    breaks.append((layer, q, k, v, attn_out))
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                        if i + 1 == len(layers):
+                            result = body.last(layer, attn_out, residual)
+                        else:
+                            q, k, v, residual = body.middle(layer, layers[i + 1], positions, attn_out, residual)
+                    graphs.append(graph)
+        finally:
+            gc.unfreeze()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.captured[label] = (graphs, breaks, result)
+
+        def replay(current: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            live = _metadata(current, self.page_size)
+            graphs[0].replay()
+            for (layer, bq, bk, bv, out), segment in zip(breaks, graphs[1:]):
+                out.copy_(body.attend(layer, bq, bk, bv, live))
+                segment.replay()
+            return result
+
+        return replay
+
+    def memory_bytes(self) -> int:
+        return max(0, torch.cuda.memory_reserved(self.device) - self._reserved_before)

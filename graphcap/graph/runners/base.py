@@ -1,0 +1,138 @@
+"""What every graph runner shares: the capture loop (largest bucket first, progress bar, capture failures
+kept as reasons), verification against eager, per-bucket eager-vs-graph selection, counters and the
+one-line summary. Subclasses own their shapes: buckets, static buffers, padding, probe batches."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import torch
+from tqdm import tqdm
+
+from graphcap.distributed.parallel_state import graph_capture
+from graphcap.executor.forward_batch import ForwardBatch
+from graphcap.graph.probe import ProbeBatches, rss_bytes
+from graphcap.graph.stats import BucketReport, RunnerStats
+from graphcap.graph.verify import compare, faster, interleaved_timings
+
+log = logging.getLogger("graphcap")
+
+
+class BucketedGraphRunner:
+    phase = ""
+    timing_iters = 15
+
+    def __init__(self, model_runner, mode: str, buckets: list[int], verify: str, select: str, atol: float, rtol: float):
+        self.mr = model_runner
+        self.device = model_runner.device
+        self.mode = mode
+        self.buckets = buckets
+        self.verify_mode = verify
+        self.select_mode = select
+        self.atol, self.rtol = atol, rtol
+        self.backend = None  # set by subclasses
+        self._stats = RunnerStats(mode=mode)
+
+    # -- runner protocol (ModelRunner drives these) -------------------------------------------------
+    def can_run(self, batch: ForwardBatch) -> str | None:
+        raise NotImplementedError
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        self._stats.replays += 1
+        return self._replay(batch, self._bucket_for(self._size_of(batch)))
+
+    def count_reject(self, reason: str) -> None:
+        self._stats.reject(reason)
+
+    def stats(self) -> dict:
+        return self._stats.as_dict()
+
+    # -- subclass hooks -------------------------------------------------------------------------------
+    def _size_of(self, batch: ForwardBatch) -> int:
+        raise NotImplementedError
+
+    def _replay(self, batch: ForwardBatch, bucket: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _capture_bucket(self, bucket: int, probes: ProbeBatches) -> None:
+        raise NotImplementedError
+
+    def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
+        raise NotImplementedError
+
+    def _timing_batch(self, bucket: int, probes: ProbeBatches) -> ForwardBatch:
+        raise NotImplementedError
+
+    # -- shared mechanics -----------------------------------------------------------------------------
+    def _bucket_for(self, size: int) -> int:
+        return next(b for b in self.buckets if b >= size)
+
+    def _bucket_reason(self, size: int) -> str | None:
+        """None when the bucket that holds `size` serves a graph, else why it does not."""
+        report = self._stats.buckets[self._bucket_for(size)]
+        return None if report.status == "graph" else report.reason
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        rss0 = rss_bytes()
+        probes = ProbeBatches(self.mr, seed=1234)
+        try:
+            with graph_capture():
+                bar = tqdm(sorted(self.buckets, reverse=True), desc=f"capture {self.phase} ({self.mode})",
+                           unit="bucket", disable=None, leave=False)
+                for bucket in bar:
+                    bar.set_postfix(size=bucket)
+                    report = self._stats.buckets[bucket] = BucketReport(bucket)
+                    try:
+                        self._capture_bucket(bucket, probes)
+                    except Exception as e:  # an uncapturable bucket falls back to eager, with its reason kept
+                        if self.verify_mode == "strict":
+                            raise
+                        report.status, report.reason = "rejected", "capture_failed"
+                        log.warning("%s bucket %d: capture failed (%s: %s); it runs eagerly",
+                                    self.phase, bucket, type(e).__name__, e)
+                        continue
+                    self._verify_and_select(bucket, report, probes)
+        finally:
+            probes.release()
+        self._stats.capture_seconds = time.perf_counter() - t0
+        self._stats.graph_memory_bytes = self.backend.memory_bytes() or max(0, rss_bytes() - rss0)
+        self._log_summary()
+
+    def _verify_and_select(self, bucket: int, report: BucketReport, probes: ProbeBatches) -> None:
+        worst = 0.0
+        if self.verify_mode != "off":
+            for batch in self._verify_batches(bucket, probes):
+                ref = self.mr.forward_eager(batch)
+                diff, ok = compare(self._replay(batch, bucket), ref, self.atol, self.rtol)
+                worst = max(worst, diff)
+                if not ok:
+                    report.status, report.reason, report.max_abs_diff = "rejected", "bucket_rejected", diff
+                    msg = f"{self.phase} bucket {bucket}: graph differs from eager (max |diff| {diff:.3g})"
+                    if self.verify_mode == "strict":
+                        raise RuntimeError(msg)
+                    log.warning("%s; the bucket runs eagerly", msg)
+                    return
+        report.max_abs_diff = worst
+        if self.select_mode == "auto":
+            batch = self._timing_batch(bucket, probes)
+            graph_ms, eager_ms = interleaved_timings(
+                lambda: self._replay(batch, bucket), lambda: self.mr.forward_eager(batch), self.timing_iters
+            )
+            report.graph_ms, report.eager_ms = statistics.median(graph_ms), statistics.median(eager_ms)
+            if not faster(graph_ms, eager_ms):
+                report.status, report.reason = "eager", "bucket_slower_than_eager"
+                return
+        report.status = "graph"
+
+    def _log_summary(self) -> None:
+        s = self._stats
+        by_status: dict[str, list[int]] = {}
+        for size, rep in sorted(s.buckets.items()):
+            by_status.setdefault(rep.status, []).append(size)
+        parts = ", ".join(f"{k}={v}" for k, v in sorted(by_status.items()))
+        log.info("%s graphs (%s): %d buckets [%s] in %.1f s, memory +%.1f MiB", self.phase, self.mode,
+                 len(s.buckets), parts, s.capture_seconds, s.graph_memory_bytes / 2**20)
+

@@ -1,0 +1,130 @@
+"""Prefill graph runner: only the transformer body is graphed, keyed by the number of tokens.
+
+Embedding (before) and final norm + logits (after) run eagerly on the live batch, and attention runs
+eagerly between graph segments with the live per-request metadata. What the graph sees is therefore only
+token-level tensors, so one graph per token count serves any number of requests: 4 x 32 and 1 x 128
+tokens replay the same bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graphcap.attention.metadata import AttentionMetadata
+from graphcap.distributed.parallel_state import graph_replay
+from graphcap.errors import UserError
+from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
+from graphcap.graph.backends.base import Replay
+from graphcap.graph.backends.breakable import make_breakable_backend
+from graphcap.graph.config import PrefillGraphConfig
+from graphcap.graph.probe import ProbeBatches
+from graphcap.graph.runners.base import BucketedGraphRunner
+
+# Arguments 3..5 (block table, query index and positions) are per request: their shapes follow the
+# number of requests and the longest one, never the bucket.
+PER_REQUEST_DIMS = ((3, 0), (3, 1), (4, 0), (4, 1), (5, 0), (5, 1))
+
+
+class PrefillGraphRunner(BucketedGraphRunner):
+    phase = "prefill"
+    timing_iters = 7
+
+    def __init__(self, model_runner, cfg: PrefillGraphConfig, max_prefill_tokens: int, compiler=None) -> None:
+        model = model_runner.model
+        if not callable(getattr(model, "segmented_body", None)):
+            raise UserError(
+                f"{type(model).__name__} declares no segmented body (segmented_body()); prefill graphs need "
+                "the model to say where its layer stack and attention breaks are"
+            )
+        super().__init__(model_runner, cfg.mode, cfg.buckets(max_prefill_tokens), cfg.verify, cfg.select,
+                         cfg.atol, cfg.rtol)
+        self.cfg = cfg
+        self.max_tokens = self.buckets[-1]
+        hidden_size = model_runner.config.hidden_size
+        dev = self.device
+        self.hidden = torch.zeros(self.max_tokens, hidden_size, dtype=model_runner.dtype, device=dev)
+        self.positions = torch.zeros(self.max_tokens, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.zeros(self.max_tokens, dtype=torch.int64, device=dev)
+        self.out_index = torch.zeros(self.max_tokens, dtype=torch.int64, device=dev)
+        self.page_size = model_runner.page_size
+        if cfg.mode == "breakable":
+            self.backend = make_breakable_backend(model.segmented_body(), dev, dict(cfg.inductor_options),
+                                                  self.page_size)
+        else:
+            from graphcap.graph.backends import make_backend
+
+            self.backend = make_backend(cfg.mode, dev, dict(cfg.inductor_options), compiler)
+        self.replays: dict[int, Replay] = {}
+
+    def can_run(self, batch: ForwardBatch) -> str | None:
+        if batch.mode == ForwardMode.TARGET_VERIFY:
+            return "target_verify"
+        if batch.mode != ForwardMode.PREFILL:
+            return "not_prefill"
+        tokens = batch.num_tokens
+        if tokens > self.max_tokens:
+            return "too_many_tokens"
+        if self._bucket_for(tokens) > self.cfg.max_padding_ratio * tokens:
+            return "too_much_padding"
+        return self._bucket_reason(tokens)
+
+    # -- shapes ---------------------------------------------------------------------------------------
+    def _size_of(self, batch: ForwardBatch) -> int:
+        return batch.num_tokens
+
+    def _body_fn(self):
+        model = self.mr.model
+        page_size = self.page_size
+
+        def prefill_body(hidden, positions, slot_mapping, block_table, q_index, q_pos, out_index):
+            meta = AttentionMetadata(slot_mapping, block_table, q_index, q_pos, out_index, page_size)
+            return model.body(hidden, positions, meta)
+
+        return prefill_body
+
+    def _load(self, batch: ForwardBatch, bucket: int) -> tuple[torch.Tensor, ...]:
+        """Fill the token-level static buffers (padding: token 0 at position 0, writing the padding slot,
+        reading attention row 0) and return the body's arguments for this replay."""
+        n = batch.num_tokens
+        self.hidden[:n].copy_(self.mr.model.embed(batch.input_ids))
+        self.hidden[n:bucket].zero_()
+        self.positions[:n].copy_(batch.positions)
+        self.positions[n:bucket].zero_()
+        self.slot_mapping[:n].copy_(batch.attn.slot_mapping)
+        self.slot_mapping[n:bucket].zero_()
+        self.out_index[:n].copy_(batch.attn.out_index)
+        self.out_index[n:bucket].zero_()
+        a = batch.attn
+        return (self.hidden[:bucket], self.positions[:bucket], self.slot_mapping[:bucket], a.block_table,
+                a.q_index, a.q_pos, self.out_index[:bucket])
+
+    def _replay(self, batch: ForwardBatch, bucket: int) -> torch.Tensor:
+        args = self._load(batch, bucket)
+        with graph_replay():
+            hidden = self.replays[bucket](args)
+        return self.mr.model.compute_logits(hidden.index_select(0, batch.select))
+
+    # -- capture hooks --------------------------------------------------------------------------------
+    def _capture_bucket(self, bucket: int, probes: ProbeBatches) -> None:
+        parts = _split(bucket, 2)
+        batch = probes.prefill(parts, [3, 0][: len(parts)])
+        self.replays[bucket] = self.backend.capture(
+            self._body_fn(), self._load(batch, bucket), f"prefill tokens={bucket}", PER_REQUEST_DIMS
+        )
+
+    def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
+        """A full bucket split over several requests (one on a cached prefix), and a padded single request."""
+        parts = _split(bucket, 3)
+        padded = max(1, int(bucket / self.cfg.max_padding_ratio) + 1)
+        return [probes.prefill(parts, [0, 5, 0][: len(parts)]), probes.prefill([min(padded, bucket)], [0])]
+
+    def _timing_batch(self, bucket: int, probes: ProbeBatches) -> ForwardBatch:
+        parts = _split(bucket, 4)
+        return probes.prefill(parts, [0] * len(parts))
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """`total` tokens over up to `parts` requests of near-equal length (none empty)."""
+    parts = max(1, min(parts, total))
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
