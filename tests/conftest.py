@@ -218,3 +218,13 @@ def kit():
         edit_config=edit_config, load_hf=load_hf, build_hf=build_hf, save_checkpoint=save_checkpoint,
         build_tokenizer_json=build_tokenizer_json,
     )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """CUDA tests (`-m cuda`) skip themselves cleanly on machines without a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
