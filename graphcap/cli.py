@@ -27,7 +27,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--tp", type=int, default=None, dest="tp_size", help="tensor-parallel ranks")
-    p.add_argument("--graph-decode", default=None, help="eager (default) or full")
+    p.add_argument("--graph-decode", default=None, help="eager (default), full or piecewise")
     p.add_argument("--graph-prefill", default=None, help="eager (default)")
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
@@ -38,6 +38,29 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: keep a bucket's graph only where it beats eager at capture")
     p.add_argument("--graph-verify", default=None, choices=["warn", "strict", "off"])
     p.add_argument("--graph-config", default=None, help="JSON file of engine/graph options")
+    p.add_argument("--quantization", default=None, help="none (default), fp8 or fp8-static")
+    p.add_argument("--compilation-config", default=None, metavar="JSON_OR_PATH",
+                   help="compilation options (backend, custom_ops, pass_config, ...) as JSON or a JSON file")
+    p.add_argument("--cache-dir", default=None, help="compiled-artifact cache (default: the user cache dir)")
+    p.add_argument("--no-cache", action="store_const", const=False, default=None, dest="use_cache",
+                   help="neither read nor write compiled artifacts")
+
+
+def _json_or_path(text: str | None) -> dict | None:
+    """A JSON object given inline (it starts with "{") or as a file path."""
+    if text is None:
+        return None
+    from graphcap.config import load_json_config
+
+    if not text.lstrip().startswith("{"):
+        return load_json_config(text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--compilation-config is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError("--compilation-config must be a JSON object")
+    return data
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -52,6 +75,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "kv_cache_memory_fraction": args.kv_cache_memory_fraction,
         "max_running_requests": args.max_running_requests, "max_prefill_tokens": args.max_prefill_tokens,
         "decode_sizes": args.decode_sizes, "graph_select": args.graph_select, "graph_verify": args.graph_verify,
+        "quantization": args.quantization, "cache_dir": args.cache_dir, "use_cache": args.use_cache,
+        "compilation_config": _json_or_path(args.compilation_config),
     }
     kwargs.update({k: v for k, v in given.items() if v is not None})
     return kwargs
@@ -76,6 +101,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from graphcap.bench.report import render, write_json
+    from graphcap.bench.runner import BenchOptions, run_bench
+
+    kwargs = engine_kwargs(args)
+    if args.quantization:
+        kwargs["quantization"] = args.quantization
+    opts = BenchOptions(
+        model=args.model, engine_kwargs=kwargs, graph_decode=(args.graph_decode or "full").split(","),
+        graph_prefill=(args.graph_prefill or "eager").split(","), batch_sizes=args.batch_sizes, iters=args.iters,
+        e2e_iters=args.e2e_iters, hf=not args.no_hf, hf_compile=args.hf_compile, allreduce=args.allreduce,
+        threads=args.threads,
+    )
+    result = run_bench(opts)
+    print(render(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from graphcap import LLM
+    from graphcap.engine.embedder import require_encoder_checkpoint
+
+    require_encoder_checkpoint(args.model)  # before building anything: a decoder has no embed()
+    kwargs = {}
+    if args.graph_config:
+        from graphcap.config import load_json_config
+
+        kwargs.update(load_json_config(args.graph_config))
+    kwargs.update(device=args.device, dtype=args.dtype, graph_encoder=args.graph_encoder,
+                  encoder_parallel=args.encoder_parallel)
+    if args.encoder_sizes is not None:
+        kwargs["encoder_sizes"] = args.encoder_sizes
+    if args.encoder_seq_lens is not None:
+        kwargs["encoder_seq_lens"] = args.encoder_seq_lens
+    with LLM(args.model, **kwargs) as llm:
+        vectors = llm.embed(texts=args.text)
+        if args.json:
+            print(json.dumps({"embeddings": vectors, "stats": llm.stats()}))
+        else:
+            for v in vectors:
+                print(" ".join(f"{x:.8g}" for x in v))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphcap", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -94,6 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmark graph modes against eager and peers (BENCHMARKS.md)")
+    add_engine_args(bench)
+    bench.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16], help="decode batch sizes")
+    bench.add_argument("--iters", type=int, default=20, help="interleaved timing iterations per step row")
+    bench.add_argument("--e2e-iters", type=int, default=3, help="timed rounds of end-to-end generation")
+    bench.add_argument("--no-hf", action="store_true", help="skip the HF transformers peers")
+    bench.add_argument("--hf-compile", action="store_true", help="also time HF static cache + torch.compile (slow)")
+    bench.add_argument("--allreduce", action="store_true", help="also time all-reduce (always with --tp > 1)")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    bench.set_defaults(func=cmd_bench)
+
+    emb = sub.add_parser("embed", help="embed texts with an encoder checkpoint (BERT; 'minilm' is the packaged one)")
+    emb.add_argument("--model", required=True, help="encoder checkpoint directory, or minilm / all-MiniLM-L6-v2")
+    emb.add_argument("--text", action="append", required=True, help="a text to embed (repeat for several)")
+    emb.add_argument("--device", default="cpu")
+    emb.add_argument("--dtype", default="float32")
+    emb.add_argument("--graph-encoder", default="eager", help="eager or full")
+    emb.add_argument("--encoder-sizes", type=_int_list, default=None, help="batch buckets, e.g. 1,8,32")
+    emb.add_argument("--encoder-seq-lens", type=_int_list, default=None, help="sequence buckets, e.g. 16,32,64,128")
+    emb.add_argument("--encoder-parallel", default="tp", help="tp (sharded over the TP group) or dp")
+    emb.add_argument("--graph-config", default=None, help="JSON file of engine/graph options")
+    emb.add_argument("--json", action="store_true", help="print one JSON object: embeddings and stats")
+    emb.set_defaults(func=cmd_embed)
     return parser
 
 

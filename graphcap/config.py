@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from graphcap.compilation.config import CompilationConfig
 from graphcap.errors import UserError
-from graphcap.graph.config import DEFAULT_DECODE_SIZES, DecodeGraphConfig
+from graphcap.graph.config import (
+    DEFAULT_DECODE_SIZES,
+    DEFAULT_PREFILL_SIZES,
+    DecodeGraphConfig,
+    PrefillGraphConfig,
+)
+from graphcap.graph.config import DEFAULT_ENCODER_BATCH_SIZES, DEFAULT_ENCODER_SEQ_LENS, EncoderGraphConfig
 
-GRAPH_PREFILL_MODES = ("eager",)
 
 
 @dataclass
@@ -26,13 +33,37 @@ class EngineConfig:
     max_running_requests: int = 64
     max_prefill_tokens: int = 2048  # prefill token budget per step; longer prompts are chunked
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    prefill_sizes: list[int] | tuple[int, ...] = DEFAULT_PREFILL_SIZES  # token-count buckets
+    max_prefill_padding: float = 2.0  # pad a prefill to its bucket only while bucket <= ratio * tokens
     decode_sizes: list[int] | tuple[int, ...] = DEFAULT_DECODE_SIZES
     max_decode_batch_size: int | None = None
     graph_select: str = "auto"
     graph_verify: str = "warn"
     decode_attention: str = "auto"
     inductor_options: dict = field(default_factory=dict)
+    # encoder checkpoints (BERT, ViT): `LLM.embed`; graphs per (batch, sequence length) bucket
+    graph_encoder: str = "eager"
+    encoder_sizes: list[int] | tuple[int, ...] = DEFAULT_ENCODER_BATCH_SIZES  # batch buckets
+    encoder_seq_lens: list[int] | tuple[int, ...] = DEFAULT_ENCODER_SEQ_LENS  # sequence buckets
+    encoder_parallel: str = "tp"  # tp: sharded over the TP group; dp: every rank runs the whole encoder
+    # compilation (graph_decode="piecewise"): quantization, compiler config and its artifact cache
+    quantization: str | None = None
+    compilation_config: dict | CompilationConfig | None = None
+    cache_dir: str | None = None  # None: the compilation config's, else the user's cache directory
+    use_cache: bool = True
     extra: dict = field(default_factory=dict)
+
+    def prefill_graph(self) -> PrefillGraphConfig:
+        if not isinstance(self.prefill_sizes, (list, tuple)):
+            raise UserError(f"prefill_sizes must be a list of integers, got {self.prefill_sizes!r}")
+        return PrefillGraphConfig(
+            mode=self.graph_prefill,
+            sizes=tuple(self.prefill_sizes),
+            max_padding_ratio=self.max_prefill_padding,
+            select=self.graph_select,
+            verify=self.graph_verify,
+            inductor_options=tuple(sorted(self.inductor_options.items())),
+        )
 
     def decode_graph(self) -> DecodeGraphConfig:
         if not isinstance(self.decode_sizes, (list, tuple)):
@@ -49,12 +80,45 @@ class EngineConfig:
             inductor_options=tuple(sorted(self.inductor_options.items())),
         )
 
+    def encoder_graph(self) -> EncoderGraphConfig:
+        for name in ("encoder_sizes", "encoder_seq_lens"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise UserError(f"{name} must be a list of integers, got {getattr(self, name)!r}")
+        if not isinstance(self.inductor_options, dict):
+            raise UserError(f"inductor_options must be a mapping, got {self.inductor_options!r}")
+        return EncoderGraphConfig(
+            mode=self.graph_encoder,
+            batch_sizes=tuple(self.encoder_sizes),
+            seq_lens=tuple(self.encoder_seq_lens),
+            parallel=self.encoder_parallel,
+            select=self.graph_select,
+            verify=self.graph_verify,
+            inductor_options=tuple(sorted(self.inductor_options.items())),
+        )
+
+    def compilation(self) -> CompilationConfig:
+        """The compilation config, with the top-level cache options applied over it."""
+        cc = self.compilation_config
+        if cc is None:
+            cc = CompilationConfig()
+        elif isinstance(cc, dict):
+            cc = CompilationConfig.from_dict(cc)
+        elif not isinstance(cc, CompilationConfig):
+            raise UserError(f"compilation_config must be a mapping or CompilationConfig, got {cc!r}")
+        if self.cache_dir is not None:
+            cc = dataclasses.replace(cc, cache_dir=self.cache_dir)
+        if not isinstance(self.use_cache, bool):
+            raise UserError(f"use_cache must be true or false, got {self.use_cache!r}")
+        return cc if self.use_cache else dataclasses.replace(cc, use_cache=False)
+
     def validate(self) -> None:
         self.decode_graph().validate()
-        if self.graph_prefill not in GRAPH_PREFILL_MODES:
-            raise UserError(
-                f"graph_prefill={self.graph_prefill!r} is not supported; choose from {GRAPH_PREFILL_MODES}"
-            )
+        self.compilation()
+        from graphcap.layers.quantization import quant_method_factory
+
+        quant_method_factory(self.quantization)  # raises on an unknown name
+        self.encoder_graph().validate()
+        self.prefill_graph().validate()
         for name in ("page_size", "max_running_requests", "max_prefill_tokens", "tp_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

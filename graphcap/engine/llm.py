@@ -15,62 +15,39 @@ from graphcap.engine.sampling_params import SamplingParams
 from graphcap.engine.scheduler import Scheduler
 from graphcap.engine.tokenizer import Tokenizer
 from graphcap.errors import UserError
-from graphcap.executor.kv_cache import KVCache
-from graphcap.executor.forward_batch import ForwardMode
-from graphcap.executor.loader import build_model, resolve_source
-from graphcap.executor.model_runner import ModelRunner
-from graphcap.graph.runners.decode import DecodeGraphRunner
-from graphcap.models.config import parse_dtype
+from graphcap.executor.kv_cache import num_pages_for
+from graphcap.executor.loader import resolve_source
+from graphcap.executor.setup import build_local_runner, kv_cache_tokens, max_model_len, resolve_device
+from graphcap.executor.tp_executor import TPExecutor
 
 log = logging.getLogger("graphcap")
 
-DEFAULT_KV_CACHE_TOKENS = 32768
-
-
 class LLM:
+    _embedder = None  # set for encoder checkpoints (BERT, ViT): the engine is graphcap.engine.embedder
+
     def __init__(self, model: str, **kwargs) -> None:
         self.config: EngineConfig = config_from_kwargs(model, kwargs)
+        from graphcap.engine.embedder import Embedder, is_encoder_checkpoint
+
+        if is_encoder_checkpoint(self.config.model):
+            self._embedder = Embedder(self.config)
+            return
         cfg = self.config
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("device='cuda' was requested but no CUDA device is available")
-        self.device = torch.device(cfg.device)
-        self.dtype = parse_dtype(cfg.dtype)
         source = resolve_source(cfg.model)
         self.model_config = source.config
         self.tokenizer = Tokenizer(source.tokenizer_path) if source.tokenizer_path else None
-        self.max_model_len = min(cfg.max_model_len or source.config.max_position_embeddings,
-                                 source.config.max_position_embeddings)
+        self.max_model_len = max_model_len(cfg, source)
         t0 = time.perf_counter()
-        model_module = build_model(source, self.dtype, self.device)
-        self.runner = ModelRunner(
-            model_module, source.config, self.dtype, self.device, self._kv_tokens(), cfg.page_size
-        )
-        self.load_seconds = time.perf_counter() - t0
-        self.decode_runner = self._capture_decode_graphs()
+        if cfg.tp_size > 1:
+            self.runner = TPExecutor(cfg, num_pages_for(kv_cache_tokens(cfg, source, resolve_device(cfg)), cfg.page_size))
+        else:
+            self.runner = build_local_runner(cfg, source)
+        self.startup_seconds = time.perf_counter() - t0
+        self.load_seconds = self.runner.load_seconds
         self.scheduler = Scheduler(self.runner.pool, cfg.max_running_requests, cfg.max_prefill_tokens)
         self._next_rid = 0
         self._counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefill_steps": 0,
                           "decode_steps": 0}
-
-    def _capture_decode_graphs(self) -> DecodeGraphRunner | None:
-        graph_cfg = self.config.decode_graph()
-        if graph_cfg.mode == "eager":
-            return None
-        runner = DecodeGraphRunner(self.runner, graph_cfg, self.config.max_running_requests, self.max_model_len)
-        runner.capture()
-        self.runner.graph_runners[ForwardMode.DECODE] = runner
-        self.runner.graph_runners[ForwardMode.TARGET_VERIFY] = runner
-        return runner
-
-    def _kv_tokens(self) -> int:
-        cfg = self.config
-        if cfg.kv_cache_tokens is not None:
-            return cfg.kv_cache_tokens
-        if cfg.kv_cache_memory_fraction is not None:
-            m = self.model_config
-            per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads, m.head_dim, self.dtype)
-            return max(cfg.page_size, int(_available_memory(self.device) * cfg.kv_cache_memory_fraction) // per_token)
-        return DEFAULT_KV_CACHE_TOKENS
 
     # -- public API ---------------------------------------------------------------------------------------
     def generate(
@@ -80,6 +57,8 @@ class LLM:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in the order given; requests are batched continuously."""
+        if self._embedder is not None:
+            raise UserError(f"{self.config.model!r} is an encoder model: it has no generate(); use embed()")
         prompt_ids = self._prompt_ids(prompts, prompt_token_ids)
         if sampling_params is None:
             params = [SamplingParams()] * len(prompt_ids)
@@ -96,22 +75,27 @@ class LLM:
             self.step()
         return [self._output(r) for r in reqs]
 
+    def embed(self, texts: str | Sequence[str] | None = None, images=None) -> list[list[float]]:
+        """One embedding per text (or image), in order. Text encoders give mean-pooled, L2-normalised vectors;
+        ViT gives the final CLS vector. `images`: a [B, 3, H, W] tensor or a list of [3, H, W] tensors."""
+        if self._embedder is None:
+            raise UserError(f"{self.config.model!r} is a decoder model: it has no embed(); use generate()")
+        return self._embedder.embed(texts=texts, images=images)
+
     def stats(self) -> dict:
+        if self._embedder is not None:
+            return self._embedder.stats()
         pool = self.runner.pool
         out = dict(self._counters)
-        out.update(
-            preemptions=self.scheduler.preemptions,
-            kv_cache={"pages": pool.usable_pages, "free_pages": pool.free_pages, "page_size": pool.page_size,
-                      "bytes": self.runner.kv_cache.nbytes()},
-            eager_steps=dict(self.runner.eager_steps),
-            decode=self.decode_runner.stats() if self.decode_runner else {"mode": "eager", "replays": 0,
-                                                                        "rejects": {}, "captured": []},
-            load_seconds=round(self.load_seconds, 3),
-        )
+        out.update(self.runner.stats())
+        out["kv_cache"].update(pages=pool.usable_pages, free_pages=pool.free_pages, page_size=pool.page_size)
+        out.update(preemptions=self.scheduler.preemptions, load_seconds=round(self.load_seconds, 3),
+                   startup_seconds=round(self.startup_seconds, 3))
         return out
 
     def shutdown(self) -> None:
-        self.runner.shutdown()
+        if self._embedder is None:
+            self.runner.shutdown()
 
     def __enter__(self) -> "LLM":
         return self
@@ -124,9 +108,7 @@ class LLM:
         sched = self.scheduler.schedule()
         if sched is None:
             raise RuntimeError("scheduler made no progress with requests pending")  # invariant, not user error
-        batch = self.runner.make_batch(sched.mode, sched.token_ids, sched.prefix_lens,
-                                       [r.pages for r in sched.requests])
-        logits = self.runner.forward(batch)
+        logits = self.runner.execute(sched.mode, sched.token_ids, sched.prefix_lens, [r.pages for r in sched.requests])
         self._counters[f"{sched.mode.value}_steps"] += 1
         rows = [i for i, s in enumerate(sched.sample) if s]
         tokens = sample(logits[rows], [sched.requests[i].params for i in rows],
@@ -200,11 +182,3 @@ class LLM:
 def _bad_prompt(p) -> list[int]:
     raise UserError(f"text prompts must be strings, got {type(p).__name__}")
 
-
-def _available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

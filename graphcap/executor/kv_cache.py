@@ -11,6 +11,11 @@ import torch
 from graphcap.attention.op import register_kv_cache, unregister_kv_cache
 
 
+def num_pages_for(kv_cache_tokens: int, page_size: int) -> int:
+    """Pages for a token capacity, plus the reserved padding page."""
+    return max(2, kv_cache_tokens // page_size + 1)
+
+
 class PagePool:
     def __init__(self, num_pages: int, page_size: int) -> None:
         if num_pages < 2:

@@ -11,7 +11,7 @@ from torch import nn
 from graphcap.attention.backend import TorchNativeAttnBackend
 from graphcap.attention.metadata import build_metadata
 from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
-from graphcap.executor.kv_cache import KVCache
+from graphcap.executor.kv_cache import KVCache, num_pages_for
 from graphcap.models.config import ModelConfig
 
 
@@ -44,7 +44,7 @@ class ModelRunner:
         self.device = device
         self.page_size = page_size
         attn0 = model.attention_layers()[0]
-        num_pages = max(2, kv_cache_tokens // page_size + 1)
+        num_pages = num_pages_for(kv_cache_tokens, page_size)
         self.kv_cache = KVCache(
             config.num_layers, num_pages, page_size, attn0.num_kv_heads, config.head_dim, dtype, device
         )
@@ -53,6 +53,8 @@ class ModelRunner:
         for layer in model.attention_layers():
             layer.attn_backend = self.attn_backend
         self.graph_runners: dict[ForwardMode, GraphRunner] = {}
+        self.compiler = None  # the piecewise compiler, when a phase uses it (graphcap.executor.setup)
+        self.load_seconds = 0.0
         self.eager_steps: dict[str, int] = {m.value: 0 for m in ForwardMode}
 
     @property
@@ -92,12 +94,14 @@ class ModelRunner:
         """One engine step from plain lists: the interface the engine drives, local or across TP ranks."""
         return self.forward(self.make_batch(mode, token_ids, prefix_lens, page_tables))
 
-    def graph_stats(self) -> dict:
-        """Per-phase graph counters; a phase without a graph runner reports mode "eager"."""
-        out = {}
+    def stats(self) -> dict:
+        """Eager-step counts, cache size, and per-phase graph counters (a phase without a graph runner
+        reports mode "eager"), plus the compile report."""
+        out: dict = {"eager_steps": dict(self.eager_steps), "kv_cache": {"bytes": self.kv_cache.nbytes()}}
         for mode, name in ((ForwardMode.DECODE, "decode"), (ForwardMode.PREFILL, "prefill")):
             runner = self.graph_runners.get(mode)
             out[name] = runner.stats() if runner else {"mode": "eager", "replays": 0, "rejects": {}, "captured": []}
+        out["compile"] = self.compiler.stats() if self.compiler is not None else {}
         return out
 
     @torch.inference_mode()

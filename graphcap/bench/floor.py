@@ -1,0 +1,53 @@
+"""The bandwidth floor of a decode step: weight bytes read once per step / copy bandwidth measured now.
+
+Bandwidth is measured in the same run (same machine load) with a large tensor copy; a copy reads and
+writes each byte, so it moves 2x its size. The floor ignores the KV cache and activations, so real steps
+can only be slower; the ratio step/floor says how far from bandwidth-bound a mode is.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from graphcap.bench.report import Row, make_row
+
+COPY_BYTES = 256 * 2**20
+
+
+def weight_bytes_per_decode_step(model: nn.Module) -> int:
+    """Bytes of weights a decode step reads: every weight, except the embedding table when untied (a step
+    reads only batch-size rows of it); a tied table is read whole by the LM head."""
+    params = dict(model.named_parameters())
+    tied = not any("lm_head" in name for name in params)
+    total = 0
+    for name, p in params.items():
+        if "embed_tokens" in name and not tied:
+            continue
+        total += p.numel() * p.element_size()
+    for name, b in model.named_buffers():
+        if name.endswith(".weight") or name.endswith("_scale"):  # quantized weights and their scales
+            total += b.numel() * b.element_size()
+    return total
+
+
+def copy_bandwidth_gbps(nbytes: int = COPY_BYTES, iters: int = 7) -> float:
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def floor_row(model: nn.Module) -> Row:
+    weight = weight_bytes_per_decode_step(model)
+    gbps = copy_bandwidth_gbps()
+    return make_row("floor", "weights/bandwidth", None, weight / (gbps * 1e9) * 1e3, bandwidth_gbps=gbps,
+                    weight_mb=weight / 1e6)

@@ -1,0 +1,108 @@
+"""Tensor-parallel execution driven from the API process.
+
+The API process keeps the scheduler, the page bookkeeping and the sampler; each rank holds one shard of
+the model, its own KV cache of the same page layout, and its own captured graphs (captured inside the
+TP group's `graph_capture()`, so collectives in graphs take the communicator's capture path). A step is
+one broadcast of plain lists to every rank and rank 0's logits back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+
+import torch
+
+from graphcap.config import EngineConfig
+from graphcap.distributed.launcher import WorkerGroup
+from graphcap.errors import UserError
+from graphcap.executor.forward_batch import ForwardMode
+from graphcap.executor.kv_cache import PagePool
+
+STARTUP_TIMEOUT_S = 1800.0  # compiling every bucket on a small CPU takes minutes
+STEP_TIMEOUT_S = 300.0
+COLLECTIVE_TIMEOUT_S = 120.0
+
+
+def config_digest(cfg: EngineConfig) -> str:
+    """What every rank must agree on before it serves: engine config, torch version."""
+    data = {"config": asdict(cfg), "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class TPExecutor:
+    def __init__(self, cfg: EngineConfig, num_pages: int) -> None:
+        self.world_size = cfg.tp_size
+        self.group = WorkerGroup(cfg.tp_size, _worker_main, (cfg, config_digest(cfg)))
+        ready = self.group.gather(STARTUP_TIMEOUT_S)
+        pages = {r["num_pages"] for r in ready}
+        if pages != {num_pages}:
+            self.shutdown()
+            raise RuntimeError(f"ranks built KV caches of {sorted(pages)} pages, expected {num_pages}")
+        self.pool = PagePool(num_pages, cfg.page_size)
+        self._kv_bytes = sum(r["kv_bytes"] for r in ready)
+        self.load_seconds = max(r["load_seconds"] for r in ready)
+
+    def execute(
+        self, mode: ForwardMode, token_ids: list[list[int]], prefix_lens: list[int], page_tables: list[list[int]]
+    ) -> torch.Tensor:
+        self.group.broadcast(("execute", mode, token_ids, prefix_lens, page_tables))
+        return self.group.gather(STEP_TIMEOUT_S)[0]
+
+    def stats(self) -> dict:
+        self.group.broadcast(("stats",))
+        per_rank = self.group.gather(STEP_TIMEOUT_S)
+        out = dict(per_rank[0])
+        out["kv_cache"] = {"bytes": self._kv_bytes}
+        out["tp"] = {"world_size": self.world_size, "communicators": [r["communicators"] for r in per_rank]}
+        return out
+
+    def shutdown(self) -> None:
+        self.group.stop()
+
+
+def _worker_main(rank: int, world_size: int, port: int, conn, cfg: EngineConfig, digest: str) -> None:
+    """One rank: join the group, check every rank has the same configuration, build and capture, serve."""
+    from graphcap.distributed.coordinator import destroy_distributed, init_distributed
+    from graphcap.executor.loader import resolve_source
+    from graphcap.executor.setup import build_local_runner
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+        coordinator = init_distributed(world_size=world_size, rank=rank, backend=backend,
+                                       init_method=f"tcp://127.0.0.1:{port}", timeout_s=COLLECTIVE_TIMEOUT_S)
+        digests: list[str | None] = [None] * world_size
+        torch.distributed.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise UserError("tensor-parallel ranks were started with different configurations")
+        runner = build_local_runner(cfg, resolve_source(cfg.model))
+        conn.send(("ready", {"num_pages": runner.pool.num_pages, "kv_bytes": runner.kv_cache.nbytes(),
+                          "load_seconds": runner.load_seconds}))
+        while True:
+            message = conn.recv()
+            if message[0] == "execute":
+                logits = runner.execute(*message[1:])
+                conn.send(("ok", logits if rank == 0 else None))
+            elif message[0] == "stats":
+                stats = runner.stats()
+                stats["communicators"] = coordinator.stats()
+                conn.send(("ok", stats))
+            else:
+                break
+    except UserError as e:
+        _report(conn, "user", str(e))
+    except Exception as e:  # any failure on a rank must reach the API process, not die silently
+        _report(conn, "internal", f"{type(e).__name__}: {e}")
+    finally:
+        destroy_distributed()
+        conn.close()
+
+
+def _report(conn, kind: str, text: str) -> None:
+    try:
+        conn.send(("error", kind, text))
+    except (BrokenPipeError, OSError):
+        pass
