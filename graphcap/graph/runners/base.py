@@ -10,7 +10,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from graphcap.distributed.parallel_state import graph_capture
+from graphcap.distributed.parallel_state import get_tp_group, graph_capture
 from graphcap.executor.forward_batch import ForwardBatch
 from graphcap.graph.probe import ProbeBatches, rss_bytes
 from graphcap.graph.stats import BucketReport, RunnerStats
@@ -95,6 +95,7 @@ class BucketedGraphRunner:
                                     self.phase, bucket, type(e).__name__, e)
                         continue
                     self._verify_and_select(bucket, report, probes)
+                    self._agree_across_ranks(report)
         finally:
             probes.release()
         self._stats.capture_seconds = time.perf_counter() - t0
@@ -126,6 +127,18 @@ class BucketedGraphRunner:
                 report.status, report.reason = "eager", "bucket_slower_than_eager"
                 return
         report.status = "graph"
+
+    def _agree_across_ranks(self, report: BucketReport) -> None:
+        """Under TP every rank must serve the same buckets from graphs: a graph replay and an eager step
+        take different collective paths, so ranks that chose differently would wait on each other forever.
+        The most conservative verdict wins (rejected over eager over graph)."""
+        group = get_tp_group()
+        if group is None or group.world_size == 1:
+            return
+        verdicts: list = [None] * group.world_size
+        torch.distributed.all_gather_object(verdicts, (report.status, report.reason), group=group.cpu_group)
+        rank = {"rejected": 0, "eager": 1, "graph": 2}
+        report.status, report.reason = min(verdicts, key=lambda v: rank.get(v[0], 0))
 
     def _log_summary(self) -> None:
         s = self._stats
