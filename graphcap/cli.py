@@ -115,6 +115,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     result = run_bench(opts)
+    if args.encoder:
+        from graphcap.bench.encoder import encoder_rows
+
+        result["results"] += encoder_rows(args.encoder, iters=args.iters, device=args.device)
     print(render(result))
     if args.json:
         write_json(result, args.json)
@@ -175,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hf-compile", action="store_true", help="also time HF static cache + torch.compile (slow)")
     bench.add_argument("--allreduce", action="store_true", help="also time all-reduce (always with --tp > 1)")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    bench.add_argument("--encoder", default=None, metavar="MODEL",
+                       help="also time an encoder (e.g. minilm): eager vs full graphs, batch 1/8/32 x seq 16/128")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     bench.set_defaults(func=cmd_bench)
 

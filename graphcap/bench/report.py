@@ -71,6 +71,9 @@ COLUMNS: dict[str, list[Column]] = {
               ("weight MB read/step", "weight_mb", _num(".1f"))],
     "allreduce": [("path", "mode", str), ("bytes", "size_bytes", _num("d")), ("us", "us_median", _num(".1f")),
                   ("speedup", "speedup_vs_eager", _speedup)],
+    "encoder": [("mode", "mode", str), ("bs", "batch_size", _num("d")), ("seq", "seq_len", _num("d")),
+                ("ms", "ms_median", _num(".3f")), ("speedup", "speedup_vs_eager", _speedup),
+                ("max|diff|", "max_abs_diff", _num(".2e")), ("reason", "reason", lambda v: v or "-")],
 }
 TITLES = {
     "decode": "Decode step latency (graph vs eager, interleaved on the same batch)",
@@ -79,6 +82,7 @@ TITLES = {
     "peer": "Peers on the identical weights, same prompts (timed round-robin with the e2e rows)",
     "floor": "Bandwidth floor (weights read per decode step / measured copy bandwidth)",
     "allreduce": "All-reduce (gloo vs shared memory, rank 0)",
+    "encoder": "Encoder forward + pooling per (batch, seq) bucket (graph vs eager, interleaved)",
 }
 
 

@@ -7,7 +7,6 @@ Runner mechanics run on a tiny random BERT with the eager backend (no compile); 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +232,23 @@ if given is not None:
         graph = torch.tensor(graph_llm.embed(texts))
         eager = torch.tensor(eager_llm.embed(texts))
         torch.testing.assert_close(graph, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_bench_rows(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Row schema of the bench's encoder phase (eager backend standing in for a graph, so nothing compiles)."""
+    from graphcap.bench.encoder import encoder_rows
+    from graphcap.bench.report import format_tables
+    from graphcap.cli import build_parser
+
+    torch.manual_seed(0)
+    hf = transformers.BertModel(tiny_bert_config(), add_pooling_layer=False).eval()
+    path = save_hf(hf, tmp_path_factory.mktemp("bert_bench"))
+    rows = encoder_rows(str(path), batch_sizes=(1, 2), seq_lens=(8,), iters=2, mode="eager")
+    assert [(r["mode"], r["batch_size"], r["seq_len"]) for r in rows] == [
+        ("eager", 1, 8), ("eager", 1, 8), ("eager", 2, 8), ("eager", 2, 8)
+    ]
+    for r in rows:
+        assert r["phase"] == "encoder" and r["tokens_equal"] is None and r["ms_median"] > 0
+        assert r["speedup_vs_eager"] > 0 and r["max_abs_diff"] < 1e-5
+    assert "Encoder" in format_tables(rows)
+    assert build_parser().parse_args(["bench", "--model", "tiny", "--encoder", "minilm"]).encoder == "minilm"
