@@ -28,7 +28,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--tp", type=int, default=None, dest="tp_size", help="tensor-parallel ranks")
     p.add_argument("--graph-decode", default=None, help="eager (default), full or piecewise")
-    p.add_argument("--graph-prefill", default=None, help="eager (default)")
+    p.add_argument("--graph-prefill", default=None, help="eager (default), breakable or piecewise")
+    p.add_argument("--prefill-sizes", type=_int_list, default=None, help="prefill token-count buckets")
+    p.add_argument("--inductor-options", default=None, metavar="JSON_OR_PATH",
+                   help='Inductor config for CPU graphs, e.g. \'{"freezing": true}\'')
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
     p.add_argument("--max-running-requests", type=int, default=None)
@@ -46,7 +49,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="neither read nor write compiled artifacts")
 
 
-def _json_or_path(text: str | None) -> dict | None:
+def _json_or_path(text: str | None, flag: str) -> dict | None:
     """A JSON object given inline (it starts with "{") or as a file path."""
     if text is None:
         return None
@@ -57,9 +60,9 @@ def _json_or_path(text: str | None) -> dict | None:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"--compilation-config is not valid JSON: {e}") from None
+        raise UserError(f"{flag} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise UserError("--compilation-config must be a JSON object")
+        raise UserError(f"{flag} must be a JSON object")
     return data
 
 
@@ -76,7 +79,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "max_running_requests": args.max_running_requests, "max_prefill_tokens": args.max_prefill_tokens,
         "decode_sizes": args.decode_sizes, "graph_select": args.graph_select, "graph_verify": args.graph_verify,
         "quantization": args.quantization, "cache_dir": args.cache_dir, "use_cache": args.use_cache,
-        "compilation_config": _json_or_path(args.compilation_config),
+        "compilation_config": _json_or_path(args.compilation_config, "--compilation-config"),
+        "inductor_options": _json_or_path(args.inductor_options, "--inductor-options"),
+        "prefill_sizes": args.prefill_sizes,
     }
     kwargs.update({k: v for k, v in given.items() if v is not None})
     return kwargs

@@ -112,6 +112,7 @@ class EngineConfig:
         return cc if self.use_cache else dataclasses.replace(cc, use_cache=False)
 
     def validate(self) -> None:
+        _check_inductor_options(self.inductor_options)
         self.decode_graph().validate()
         self.compilation()
         from graphcap.layers.quantization import quant_method_factory
@@ -157,3 +158,17 @@ def load_json_config(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must hold a JSON object")
     return data
+
+
+def _check_inductor_options(options: object) -> None:
+    """Unknown Inductor keys would only fail at capture (and fall back to eager); refuse them up front."""
+    if not isinstance(options, dict):
+        raise UserError(f"inductor_options must be a mapping, got {options!r}")
+    import torch._inductor.config as inductor_config
+
+    for key in options:
+        node: object = inductor_config
+        for part in str(key).split("."):
+            if not hasattr(node, part):
+                raise UserError(f"unknown Inductor option {key!r} in inductor_options")
+            node = getattr(node, part)
