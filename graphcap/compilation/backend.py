@@ -6,8 +6,9 @@ splitting-op pieces (attention, all-reduce) eager and replaces every other piece
 compiles it for each concrete size it is called with. Pieces with the same structure share one compiled
 artifact per size, so a 16-layer model compiles three pieces per size, not 33.
 
-Per-size specialisation rather than one dynamic-shape compile: sizes are the runner's few buckets, and the
-static kernels were measured faster on CPU (see the compilation report in docs/benchmarks.md).
+Per-size specialisation rather than one dynamic-shape compile: sizes are the runner's few buckets, static
+shapes give Inductor fixed-size kernels, and each size's artifacts are cached like any other, so the extra
+compiles are paid once per cache key. (A compile-once dynamic variant is not implemented or measured yet.)
 """
 
 from __future__ import annotations
