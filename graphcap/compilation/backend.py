@@ -152,6 +152,9 @@ class PieceRunner:
         self.piece = piece
         self.compiler = compiler
         self.by_size: dict[tuple, Callable] = {}
+        # Inductor artifacts return a flat list even for a piece whose graph returns one tensor (seen for
+        # every size after the first); the split graph expects the piece's own output structure back.
+        self.single_output = isinstance(piece.module.graph.output_node().args[0], torch.fx.Node)
 
     def _size(self, args: tuple) -> tuple:
         return tuple(args[i].shape[d] for i, d in self.piece.size_dims) + tuple(args[i] for i in self.piece.size_ints)
@@ -164,7 +167,10 @@ class PieceRunner:
             if self.compiler.cuda_graphs:
                 fn = _CudaGraphPiece(fn, args, self.compiler.cuda_pool)
             self.by_size[size] = fn
-        return fn(*args)
+        out = fn(*args)
+        if self.single_output and isinstance(out, (list, tuple)):
+            return out[0]
+        return out
 
 
 class _CudaGraphPiece:

@@ -97,7 +97,9 @@ def _signature(module: GraphModule, inputs: list[str]) -> str:
     def norm(arg: Any) -> str:
         if isinstance(arg, Node):
             return f"%{index[arg]}"
-        if isinstance(arg, (list, tuple)):
+        if isinstance(arg, tuple):  # a tuple and a list output unflatten differently: not the same piece
+            return "(" + ",".join(norm(a) for a in arg) + ")"
+        if isinstance(arg, list):
             return "[" + ",".join(norm(a) for a in arg) + "]"
         if isinstance(arg, dict):
             return "{" + ",".join(f"{k}:{norm(v)}" for k, v in sorted(arg.items())) + "}"

@@ -46,6 +46,7 @@ class DecodeGraphRunner(BucketedGraphRunner):
         self.meta = StaticMetadataBuffers(self.max_bs, self.max_cols, self.page_size, self.device)
         self.backend = make_backend(cfg.mode, self.device, dict(cfg.inductor_options), compiler)
         self.replays: dict[int, Replay] = {}
+        self.step_fn = self._step_fn()  # one function for every bucket, so a backend can share its trace
 
     def can_run(self, batch: ForwardBatch) -> str | None:
         if batch.mode == ForwardMode.TARGET_VERIFY:
@@ -99,7 +100,7 @@ class DecodeGraphRunner(BucketedGraphRunner):
         self.meta.load(probes.decode(1, max_context=4).attn, bucket, cols)
         dynamic = () if self.static_cols else ((3, 1),)
         self.replays[bucket] = self.backend.capture(
-            self._step_fn(), self._args(bucket, cols), f"decode bs={bucket}", dynamic
+            self.step_fn, self._args(bucket, cols), f"decode bs={bucket}", dynamic
         )
 
     def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:

@@ -55,6 +55,7 @@ class PrefillGraphRunner(BucketedGraphRunner):
 
             self.backend = make_backend(cfg.mode, dev, dict(cfg.inductor_options), compiler)
         self.replays: dict[int, Replay] = {}
+        self.body_fn = self._body_fn()  # one function for every bucket, so a backend can share its trace
 
     def can_run(self, batch: ForwardBatch) -> str | None:
         if batch.mode == ForwardMode.TARGET_VERIFY:
@@ -95,8 +96,8 @@ class PrefillGraphRunner(BucketedGraphRunner):
         self.out_index[:n].copy_(batch.attn.out_index)
         self.out_index[n:bucket].zero_()
         a = batch.attn
-        return (self.hidden[:bucket], self.positions[:bucket], self.slot_mapping[:bucket], a.block_table,
-                a.q_index, a.q_pos, self.out_index[:bucket])
+        return (self.hidden[:bucket], self.positions[:bucket], self.slot_mapping[:bucket],
+                *(_at_least_2x2(t) for t in (a.block_table, a.q_index, a.q_pos)), self.out_index[:bucket])
 
     def _replay(self, batch: ForwardBatch, bucket: int) -> torch.Tensor:
         args = self._load(batch, bucket)
@@ -109,7 +110,7 @@ class PrefillGraphRunner(BucketedGraphRunner):
         parts = _split(bucket, 2)
         batch = probes.prefill(parts, [3, 0][: len(parts)])
         self.replays[bucket] = self.backend.capture(
-            self._body_fn(), self._load(batch, bucket), f"prefill tokens={bucket}", PER_REQUEST_DIMS
+            self.body_fn, self._load(batch, bucket), f"prefill tokens={bucket}", PER_REQUEST_DIMS
         )
 
     def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
@@ -121,6 +122,19 @@ class PrefillGraphRunner(BucketedGraphRunner):
     def _timing_batch(self, bucket: int, probes: ProbeBatches) -> ForwardBatch:
         parts = _split(bucket, 4)
         return probes.prefill(parts, [0] * len(parts))
+
+
+def _at_least_2x2(t: torch.Tensor) -> torch.Tensor:
+    """Zero-pad a per-request [B, X] tensor to at least 2 x 2. Compilers specialise dimensions of size 1,
+    so a dynamic dimension must never be 1; the padding is harmless: an extra request row reads and writes
+    only the padding page and no token's output comes from it, extra key columns lie beyond every query's
+    position (masked), and extra query columns are never gathered back."""
+    rows, cols = t.shape
+    if rows >= 2 and cols >= 2:
+        return t
+    out = t.new_zeros(max(rows, 2), max(cols, 2))
+    out[:rows, :cols] = t
+    return out
 
 
 def _split(total: int, parts: int) -> list[int]:
