@@ -74,3 +74,21 @@ def test_cli_generate_tp2_matches_tp1(capsys) -> None:
                      "--ignore-eos", "--tp", tp, "--kv-cache-tokens", "512", "--json"]) == 0
         outputs.append(json.loads(capsys.readouterr().out)["token_ids"])
     assert outputs[0] == outputs[1]
+
+
+def test_tp2_piecewise_with_allreduce_rmsnorm_fusion_equals_tp1() -> None:
+    """Piecewise decode and prefill under TP. With all-reduce kept inside pieces (only attention splits)
+    and custom RMSNorm ops, the all-reduce+RMSNorm fusion has patterns to fire on."""
+    compilation = {"splitting_ops": ["graphcap::attention"], "custom_ops": ["rms_norm"],
+                   "pass_config": {"enable_allreduce_rms_fusion": True}}
+    with LLM("tiny", kv_cache_tokens=1024) as single:
+        want = [o.token_ids for o in single.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
+    with LLM("tiny", tp_size=2, kv_cache_tokens=1024, graph_decode="piecewise", decode_sizes=[4],
+             graph_prefill="piecewise", prefill_sizes=[64], max_prefill_tokens=64, graph_select="always",
+             use_cache=False, compilation_config=compilation) as tp:
+        got = [o.token_ids for o in tp.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
+        stats = tp.stats()
+    assert got == want
+    assert stats["decode"]["replays"] > 0 and stats["prefill"]["replays"] > 0
+    assert stats["compile"]["passes"]["allreduce_rms_fusion"] > 0
+    assert all(rank["shm"] > 0 for rank in stats["tp"]["communicators"])
