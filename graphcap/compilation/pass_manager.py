@@ -77,6 +77,11 @@ class PostGradPassManager(CustomGraphPass):
     def match_counts(self) -> dict[str, int]:
         return {graph_pass.name: graph_pass.matches for graph_pass in self.passes}
 
+    def skip_counts(self) -> dict[str, dict[str, int]]:
+        """Per pass, the candidates it refused and why (only passes that refused any), e.g. a quant whose
+        out-buffer is a partial view of its base: the first place to look when a match count is low."""
+        return {p.name: dict(p.skipped) for p in self.passes if p.skipped}
+
     @contextlib.contextmanager
     def installed(self) -> Iterator["PostGradPassManager"]:
         """Install as Inductor's post-grad custom pass for compilations that happen inside the block."""

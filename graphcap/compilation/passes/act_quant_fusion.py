@@ -20,14 +20,14 @@ class ActQuantFusionPass(GraphPass):
     def apply(self, graph: Graph) -> int:
         count = 0
         for node in list(graph.nodes):
-            quant = functionalized_call(node, _ops.static_scaled_fp8_quant.default)
+            quant = functionalized_call(node, _ops.static_scaled_fp8_quant.default, self.skipped)
             if quant is None:
                 continue
-            source = getitem_source(quant.args["x"])
+            source = getitem_source(quant.args["x"], (_ops.silu_and_mul.default,), self.skipped)
             if source is None:
                 continue
             act, out = source
-            if act.op != _ops.silu_and_mul.default or len(act.outputs[out].users) != 1:
+            if len(act.outputs[out].users) != 1:
                 continue
             fuse_producer_into_quant(graph, act, quant, _ops.silu_and_mul_static_fp8_quant.default)
             count += 1

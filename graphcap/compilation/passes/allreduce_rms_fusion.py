@@ -24,7 +24,7 @@ class AllReduceRMSNormFusionPass(GraphPass):
     def apply(self, graph: Graph) -> int:
         count = 0
         for node in list(graph.nodes):
-            norm = functionalized_call(node, _ops.fused_add_rms_norm.default)
+            norm = functionalized_call(node, _ops.fused_add_rms_norm.default, self.skipped)
             if norm is None:
                 continue
             reduced = norm.args["x"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from collections import Counter
 from typing import Any
 
 from torch.fx import Graph
@@ -13,7 +14,9 @@ from graphcap.compilation.passes import fx_utils
 
 
 class GraphPass:
-    """A pass rewrites the graph in place and counts its rewrites in `matches`.
+    """A pass rewrites the graph in place and counts its rewrites in `matches`, and in `skipped`, by reason,
+    the candidates it left alone for safety (so a pass that stops matching says why instead of silently
+    reporting zero).
 
     `uuid()` hashes the source of the concrete pass (and of the shared helpers it builds on) and its
     options, so a compiled artifact made with an older pass, or the same pass configured differently, is
@@ -25,6 +28,7 @@ class GraphPass:
     def __init__(self, **options: Any) -> None:
         self.options = dict(sorted(options.items()))
         self.matches = 0
+        self.skipped: Counter[str] = Counter()
 
     def __call__(self, graph: Graph) -> None:
         self.matches += self.apply(graph)

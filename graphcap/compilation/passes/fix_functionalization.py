@@ -15,13 +15,17 @@ Calls that fail the check stay functionalised (Inductor copies for them) and are
 from __future__ import annotations
 
 import operator
-from collections import Counter
 
 import torch
 from torch.fx import Graph, Node
 
 from graphcap.compilation.passes.base import GraphPass
-from graphcap.compilation.passes.fx_utils import AUTO_FUNCTIONALIZED, FunctionalizedCall, functionalized_call
+from graphcap.compilation.passes.fx_utils import (
+    AUTO_FUNCTIONALIZED,
+    FunctionalizedCall,
+    called_op,
+    functionalized_call,
+)
 
 # Ops whose schemas claim fresh outputs but that Inductor may lower to aliases of their input.
 _HIDDEN_ALIASES = (torch.ops.aten._unsafe_view.default, torch.ops.aten.alias.default)
@@ -49,20 +53,14 @@ def _reads_without_aliasing(node: Node) -> bool:
 class FixFunctionalizationPass(GraphPass):
     name = "fix_functionalization"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.skipped: Counter[str] = Counter()
-
     def apply(self, graph: Graph) -> int:
         order = {node: i for i, node in enumerate(graph.nodes)}
         count = 0
         for node in list(graph.nodes):
-            call = functionalized_call(node)
-            if call is None:
-                if node.target in AUTO_FUNCTIONALIZED and _is_graphcap(node.args[0]):
-                    self.skipped["mutates a view"] += 1
+            if not _is_graphcap(called_op(node)):
                 continue
-            if not _is_graphcap(call.op):
+            call = functionalized_call(node, refused=self.skipped)
+            if call is None:
                 continue
             reason = self._unsafe_reason(call, order)
             if reason:

@@ -16,6 +16,7 @@ import graphcap.ops  # noqa: F401  (registers the ops named below)
 from graphcap.compilation.passes.base import GraphPass
 from graphcap.compilation.passes.fx_utils import (
     FunctionalizedCall,
+    called_op,
     emit_functionalized,
     erase_call,
     functionalized_call,
@@ -86,10 +87,12 @@ class RMSNormQuantFusionPass(GraphPass):
         kinds = {QUANT_OPS[k]: k for k in self.options["quant_kinds"]}
         count = 0
         for node in list(graph.nodes):
-            quant = functionalized_call(node)
-            if quant is None or quant.op not in kinds:
+            if called_op(node) not in kinds:
                 continue
-            source = getitem_source(quant.args["x"])
+            quant = functionalized_call(node, refused=self.skipped)
+            if quant is None:
+                continue
+            source = getitem_source(quant.args["x"], NORM_OUTPUT, self.skipped)
             if source is None:
                 continue
             norm, normed = source
