@@ -123,7 +123,7 @@ class PiecewiseCompiler:
             "pieces": c.pieces, "splitting_pieces": c.splitting_pieces, "unique_compiles": c.unique_compiles,
             "loaded": c.loaded, "compiled": c.compiled, "compile_seconds": round(c.compile_seconds, 3),
             "cache": cache, "cache_dir": str(self.cache.dir) if self.cache.enabled else None,
-            "passes": dict(c.passes), "backend": self.config.backend,
+            "passes": dict(c.passes), "pass_skips": self.pass_manager.skip_counts(), "backend": self.config.backend,
         }
 
 
