@@ -66,7 +66,7 @@ class WorkerGroup:
                 if conn in ready or (proc.sentinel in ready and conn.poll()):
                     try:
                         reply = conn.recv()
-                    except EOFError:
+                    except (EOFError, OSError):  # the rank died mid-message or its end of the pipe reset
                         reply = ("error", "internal", f"exited with code {proc.exitcode}")
                     if reply[0] == "error":
                         self.stop()
