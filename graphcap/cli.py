@@ -115,7 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         kwargs["quantization"] = args.quantization
     opts = BenchOptions(
         model=args.model, engine_kwargs=kwargs, graph_decode=(args.graph_decode or "full").split(","),
-        graph_prefill=(args.graph_prefill or "eager").split(","), batch_sizes=args.batch_sizes, iters=args.iters,
+        graph_prefill=(args.graph_prefill or "breakable").split(","), batch_sizes=args.batch_sizes, iters=args.iters,
         e2e_iters=args.e2e_iters, hf=not args.no_hf, hf_compile=args.hf_compile, allreduce=args.allreduce,
         threads=args.threads,
     )
@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-hf", action="store_true", help="skip the HF transformers peers")
     bench.add_argument("--hf-compile", action="store_true", help="also time HF static cache + torch.compile (slow)")
     bench.add_argument("--allreduce", action="store_true", help="also time all-reduce (always with --tp > 1)")
-    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    bench.add_argument("--threads", type=int, default=1,
+                       help="torch intra-op threads (default 1: on a shared 2-core machine a second thread stalls "
+                            "every parallel region for milliseconds; 0 keeps torch's own choice)")
     bench.add_argument("--encoder", default=None, metavar="MODEL",
                        help="also time an encoder (e.g. minilm): eager vs full graphs, batch 1/8/32 x seq 16/128")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")

@@ -56,11 +56,9 @@ def paged_attention(
     vp = v_cache.index_select(0, flat_idx).view(batch, key_len, num_kv_heads, head_dim).transpose(1, 2)
     key_pos = torch.arange(key_len, device=q.device)
     mask = (key_pos.view(1, 1, key_len) <= q_pos.unsqueeze(-1)).unsqueeze(1)
-    if num_kv_heads != num_heads:
-        group = num_heads // num_kv_heads
-        kp = kp.repeat_interleave(group, dim=1)
-        vp = vp.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(
+        qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=num_kv_heads != num_heads
+    )
     out = out.transpose(1, 2).reshape(batch * max_q, num_heads * head_dim)
     return out.index_select(0, out_index)
 
