@@ -1,7 +1,7 @@
 """The torch-native attention backend: how a model layer's attention call becomes kernels.
 
-By default attention runs through the `graphcap::attention` custom op (eager runs, and compiled graphs
-that must split at attention). Metadata built with `inline=True` (whole-step compiled decode) inlines the
+By default attention is opaque to compilers: under a trace it is the `graphcap::attention` custom op
+(so compiled graphs can split at it), in eager it is the op's implementation called directly. Metadata built with `inline=True` (whole-step compiled decode) inlines the
 torch code instead, so the compiler can fuse the cache gather into the attention reductions. Either way
 the numbers come from `torch_native.py`.
 """
@@ -12,7 +12,7 @@ import torch
 
 from graphcap.attention.metadata import AttentionMetadata
 from graphcap.attention.op import attention_op
-from graphcap.attention.torch_native import decode_attention, paged_attention, write_kv
+from graphcap.attention.torch_native import decode_attention, paged_attention, write_and_attend, write_kv
 
 
 class TorchNativeAttnBackend:
@@ -29,10 +29,12 @@ class TorchNativeAttnBackend:
     ) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H*D]."""
         if not meta.inline:
-            return attention_op(
-                q, k, v, meta.slot_mapping, meta.block_table, meta.q_index, meta.q_pos, meta.out_index,
-                cache_key, meta.page_size, scale,
-            )
+            args = (meta.slot_mapping, meta.block_table, meta.q_index, meta.q_pos, meta.out_index)
+            if torch.compiler.is_compiling():
+                return attention_op(q, k, v, *args, cache_key, meta.page_size, scale)
+            # Outside a trace the op boundary buys nothing and its dispatch costs tens of microseconds per
+            # layer, so eager steps (and CUDA graph captures of them) call its implementation directly.
+            return write_and_attend(q, k, v, k_cache, v_cache, *args, meta.page_size, scale)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.q_index.shape[1] == 1 and meta.q_index.shape[0] == q.shape[0]:
             return decode_attention(q, k_cache, v_cache, meta.kv_indices(), meta.q_pos, scale)

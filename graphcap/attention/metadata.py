@@ -45,33 +45,37 @@ def build_metadata(
 ) -> AttentionMetadata:
     """Out-of-graph prepare for a batch where request i adds `extend_lens[i]` tokens after
     `prefix_lens[i]` cached ones (decode is extend_len == 1)."""
-    batch = len(extend_lens)
     max_q = max(extend_lens)
-    total_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
-    need_pages = max((n + page_size - 1) // page_size for n in total_lens)
+    need_pages = max(-(-(p + e) // page_size) for p, e in zip(prefix_lens, extend_lens))
     cols = need_pages if num_pages_cols is None else num_pages_cols
-    block_table = torch.zeros(batch, cols, dtype=torch.int64)
+    # Plain lists, one tensor per field: this runs every step, and per-element tensor writes would cost
+    # more than the decode step itself on a small model.
+    block_rows: list[list[int]] = []
     slot_mapping: list[int] = []
-    q_index = torch.zeros(batch, max_q, dtype=torch.int64)
-    q_pos = torch.zeros(batch, max_q, dtype=torch.int64)
+    q_index: list[list[int]] = []
+    q_pos: list[list[int]] = []
     out_index: list[int] = []
     token = 0
     for i, (table, prefix, extend) in enumerate(zip(page_tables, prefix_lens, extend_lens)):
-        n_pages = (prefix + extend + page_size - 1) // page_size
-        block_table[i, :n_pages] = torch.tensor(table[:n_pages], dtype=torch.int64)
-        for j in range(extend):
-            pos = prefix + j
-            slot_mapping.append(table[pos // page_size] * page_size + pos % page_size)
-            q_index[i, j] = token + j
-            q_pos[i, j] = pos
-            out_index.append(i * max_q + j)
+        n_pages = -(-(prefix + extend) // page_size)
+        block_rows.append(list(table[:n_pages]) + [0] * (cols - n_pages))
+        positions = range(prefix, prefix + extend)
+        slot_mapping.extend(table[pos // page_size] * page_size + pos % page_size for pos in positions)
+        pad = max_q - extend
+        q_index.append(list(range(token, token + extend)) + [0] * pad)
+        q_pos.append(list(positions) + [0] * pad)
+        out_index.extend(range(i * max_q, i * max_q + extend))
         token += extend
+
+    def tensor(data) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.int64, device=device)
+
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
-        block_table=block_table.to(device),
-        q_index=q_index.to(device),
-        q_pos=q_pos.to(device),
-        out_index=torch.tensor(out_index, dtype=torch.int64, device=device),
+        slot_mapping=tensor(slot_mapping),
+        block_table=tensor(block_rows),
+        q_index=tensor(q_index),
+        q_pos=tensor(q_pos),
+        out_index=tensor(out_index),
         page_size=page_size,
     )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from graphcap.attention.torch_native import kv_indices_from_block_table, paged_attention, write_kv
+from graphcap.attention.torch_native import write_and_attend
 
 _KV_CACHES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 _next_key = 0
@@ -41,9 +41,8 @@ def attention_op(
     scale: float,
 ) -> torch.Tensor:
     k_cache, v_cache = _KV_CACHES[cache_key]
-    write_kv(k, v, k_cache, v_cache, slot_mapping)
-    kv_indices = kv_indices_from_block_table(block_table, page_size)
-    return paged_attention(q, k_cache, v_cache, kv_indices, q_index, q_pos, out_index, scale)
+    return write_and_attend(q, k, v, k_cache, v_cache, slot_mapping, block_table, q_index, q_pos, out_index,
+                            page_size, scale)
 
 
 @attention_op.register_fake

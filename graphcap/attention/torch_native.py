@@ -63,6 +63,26 @@ def paged_attention(
     return out.index_select(0, out_index)
 
 
+def write_and_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_table: torch.Tensor,
+    q_index: torch.Tensor,
+    q_pos: torch.Tensor,
+    out_index: torch.Tensor,
+    page_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """The whole attention step behind the opaque op: store the new keys/values, attend over the cache."""
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    kv_indices = kv_indices_from_block_table(block_table, page_size)
+    return paged_attention(q, k_cache, v_cache, kv_indices, q_index, q_pos, out_index, scale)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

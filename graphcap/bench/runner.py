@@ -24,6 +24,7 @@ from graphcap.bench.decode import decode_rows
 from graphcap.bench.e2e import e2e_rows, llm_contender, make_prompts
 from graphcap.bench.floor import floor_row
 from graphcap.bench.prefill import prefill_rows
+from graphcap.bench.tp import tp_decode_rows
 from graphcap.bench.report import Row, make_row
 from graphcap.errors import UserError
 
@@ -113,16 +114,22 @@ def run_bench(opts: BenchOptions) -> dict:
         prefill_engines = _graph_engines(opts.model, kw, "graph_prefill", opts.graph_prefill, notes, cache_root)
         engines.update(decode_engines)
         engines.update({f"prefill:{m}": e for m, e in prefill_engines.items()})
-        _note_tp(kw, notes)
         eager = engines["eager"].llm
         stage(f"decode steps: batch sizes {opts.batch_sizes}, {opts.iters} interleaved iterations")
-        results += decode_rows(eager, {m: e.llm for m, e in decode_engines.items()}, opts.batch_sizes,
-                               opts.iters, opts.decode_context)
-        stage("prefill steps")
-        results += prefill_rows(eager, {m: e.llm for m, e in prefill_engines.items()}, opts.iters)
-        results += _e2e(opts, eager, engines, notes)
-        stage("bandwidth floor")
-        results.append(floor_row(eager.runner.model))
+        if kw.get("tp_size", 1) > 1:
+            results += tp_decode_rows(eager, {m: e.llm for m, e in decode_engines.items()}, opts.batch_sizes,
+                                      opts.iters, opts.decode_context)
+            notes.append("under TP, prefill step rows and the bandwidth floor are not measured (the model lives "
+                         "in the ranks); decode rows and e2e go through the TP engines")
+            results += _e2e(opts, eager, engines, notes)
+        else:
+            results += decode_rows(eager, {m: e.llm for m, e in decode_engines.items()}, opts.batch_sizes,
+                                   opts.iters, opts.decode_context)
+            stage("prefill steps")
+            results += prefill_rows(eager, {m: e.llm for m, e in prefill_engines.items()}, opts.iters)
+            results += _e2e(opts, eager, engines, notes)
+            stage("bandwidth floor")
+            results.append(floor_row(eager.runner.model))
         if opts.allreduce or kw.get("tp_size", 1) > 1:
             results += _allreduce_rows(max(2, kw.get("tp_size", 1)), notes)
         warm = _warm_startups(opts.model, kw, engines, notes)
@@ -164,14 +171,6 @@ def _graph_engines(model: str, kw: dict, option: str, modes: list[str], notes: l
         except UserError as e:
             notes.append(f"{option}={mode}: not available in this engine ({e}); no {mode} rows")
     return engines
-
-
-def _note_tp(kw: dict, notes: list[str]) -> None:
-    from graphcap.distributed.parallel_state import get_tp_size
-
-    if kw.get("tp_size", 1) > 1 and get_tp_size() == 1:
-        notes.append(f"tp_size={kw['tp_size']} was requested but the engine ran on one rank; "
-                     "the step rows are single-rank numbers")
 
 
 def _e2e(opts: BenchOptions, eager_llm, engines: dict[str, Engine], notes: list[str]) -> list[Row]:

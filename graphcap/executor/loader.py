@@ -100,7 +100,7 @@ def build_model(
         loaded = model.load_weights(source.weights())
     except ValueError as e:
         raise UserError(f"checkpoint does not fit the model: {e}") from None
-    expected = {n for n, _ in model.named_parameters()}
+    expected = {n for n, p in model.named_parameters() if not getattr(p, "optional_in_checkpoint", False)}
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -35,17 +35,21 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos_cache", emb.cos(), persistent=False)
-        self.register_buffer("sin_cache", emb.sin(), persistent=False)
+        # cos and sin side by side, so one gather per layer fetches both.
+        self.register_buffer("cos_sin_cache", torch.cat((emb.cos(), emb.sin()), dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, Hkv, D], positions: [T]."""
-        cos = self.cos_cache[positions].unsqueeze(1)
-        sin = self.sin_cache[positions].unsqueeze(1)
-        return _apply(q, cos, sin), _apply(k, cos, sin)
+        """q: [T, H, D], k: [T, Hkv, D], positions: [T]. q and k are rotated together: one pass of the
+        rotate-half arithmetic instead of two (decode is overhead-bound, op count is the cost)."""
+        cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
+        num_q = q.shape[1]
+        out = _apply(torch.cat((q, k), dim=1), cos, sin)
+        return out[:, :num_q], out[:, num_q:]
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    if x.dtype == torch.float32:
+        return x * cos + rotated * sin
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)

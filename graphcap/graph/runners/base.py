@@ -94,7 +94,10 @@ class BucketedGraphRunner:
                         log.warning("%s bucket %d: capture failed (%s: %s); it runs eagerly",
                                     self.phase, bucket, type(e).__name__, e)
                         continue
+                    finally:
+                        probes.release()
                     self._verify_and_select(bucket, report, probes)
+                    probes.release()  # each bucket's probes go back, so the cache only needs one bucket's worth
                     self._agree_across_ranks(report)
         finally:
             probes.release()

@@ -62,6 +62,7 @@ class Fp8LinearMethod:
             default = torch.tensor(self.static_input_amax / FP8_MAX, dtype=torch.float32)
             layer.input_scale = nn.Parameter(default, requires_grad=False)
             layer.input_scale.weight_loader = _max_scale_loader()
+            layer.input_scale.optional_in_checkpoint = True  # the calibration constant stands in when absent
 
     def process_weights_after_loading(self, layer: "LinearBase") -> None:
         qweight, scale = quantize_weight(layer.weight.data)
