@@ -129,8 +129,8 @@ def test_transformers4_rope_scaling_format(checkpoint, kit, tmp_path):
     old = load(path).layers[0].self_attn.rotary
     new = load(checkpoint("llama3_rope").path).layers[0].self_attn.rotary
     plain = load(checkpoint("llama_gqa").path).layers[0].self_attn.rotary
-    assert torch.equal(old.cos_cache, new.cos_cache)
-    assert not torch.allclose(new.cos_cache, plain.cos_cache), "llama3 scaling had no effect"
+    assert torch.equal(old.cos_sin_cache, new.cos_sin_cache)
+    assert not torch.allclose(new.cos_sin_cache, plain.cos_sin_cache), "llama3 scaling had no effect"
 
 
 def test_unsupported_architecture(ckpt_copy, kit):

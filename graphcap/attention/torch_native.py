@@ -50,7 +50,11 @@ def paged_attention(
     batch, max_q = q_index.shape
     num_kv_heads = k_cache.shape[1]
     key_len = kv_indices.shape[1]
-    qp = q.index_select(0, q_index.reshape(-1)).view(batch, max_q, num_heads, head_dim).transpose(1, 2)
+    one_query_each = max_q == 1 and batch == num_tokens  # decode: token i is request i's only query
+    if one_query_each:
+        qp = q.unsqueeze(2)
+    else:
+        qp = q.index_select(0, q_index.reshape(-1)).view(batch, max_q, num_heads, head_dim).transpose(1, 2)
     flat_idx = kv_indices.reshape(-1)
     kp = k_cache.index_select(0, flat_idx).view(batch, key_len, num_kv_heads, head_dim).transpose(1, 2)
     vp = v_cache.index_select(0, flat_idx).view(batch, key_len, num_kv_heads, head_dim).transpose(1, 2)
@@ -60,7 +64,7 @@ def paged_attention(
         qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=num_kv_heads != num_heads
     )
     out = out.transpose(1, 2).reshape(batch * max_q, num_heads * head_dim)
-    return out.index_select(0, out_index)
+    return out if one_query_each else out.index_select(0, out_index)
 
 
 def write_and_attend(
