@@ -113,6 +113,9 @@ def _startup_lines(compile_info: dict) -> list[str]:
             parts.append(f"artifact cache {info['cache']}")
         if "warm_startup_seconds" in info:
             parts.append(f"warm {info['warm_startup_seconds']:.1f} s")
+        if "compile" in info:
+            c = info["compile"]
+            parts.append(f"{c['pieces']} pieces, {c['unique_compiles']} unique compiles, pass matches {c['passes']}")
         for phase in ("decode", "prefill"):
             if phase in info:
                 runner = info[phase]

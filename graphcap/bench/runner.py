@@ -69,9 +69,10 @@ class Engine:
             if runner.get("mode", "eager") != "eager":
                 info[phase] = {k: runner.get(k) for k in ("mode", "captured", "capture_seconds",
                                                           "graph_memory_bytes", "buckets")}
-        cache = (stats.get("compile") or {}).get("cache")
-        if cache:  # the compilation layer's artifact cache: off | miss (compiled, stored) | hit
-            info["cache"] = cache
+        report = stats.get("compile") or {}
+        if report:  # the compilation layer's report: pieces, unique compiles, seconds, cache, pass matches
+            info["cache"] = report.get("cache")
+            info["compile"] = report
         return info
 
 
