@@ -64,3 +64,20 @@ def test_generation_matches_eager(cuda_llm, cuda_eager, kit) -> None:
     want = cuda_eager.generate(prompt_token_ids=prompts, sampling_params=params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert cuda_llm.stats()["decode"]["replays"] > 0
+
+
+def test_piecewise_decode_cuda_graph_per_piece_matches_eager(llama_ckpt) -> None:
+    """`piecewise` on CUDA: each compiled piece is a CUDA graph per size, attention eager between them."""
+    with LLM(str(llama_ckpt.path), device="cuda", graph_decode="piecewise", decode_sizes=[1, 4],
+             graph_select="always", kv_cache_tokens=4096, use_cache=False) as llm:
+        assert llm.stats()["decode"]["captured"] == [1, 4]
+        for batch_size in (1, 3, 4):
+            probes = ProbeBatches(llm.runner, seed=40 + batch_size)
+            try:
+                batch = probes.decode(batch_size, max_context=70)
+                out = llm.runner.forward(batch).clone()
+                ref = llm.runner.forward_eager(batch)
+            finally:
+                probes.release()
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        assert llm.stats()["decode"]["replays"] == 3
