@@ -9,7 +9,9 @@ from graphcap.errors import UserError
 DECODE_MODES = ("eager", "full", "piecewise")
 SELECT_MODES = ("auto", "always")
 VERIFY_MODES = ("warn", "strict", "off")
-DEFAULT_DECODE_SIZES = (1, 2, 4, 8, 16)
+# Three buckets: a cold compile costs about 23 s per bucket on a 2-core CPU, and five buckets took 119 s
+# to be ready from an empty Inductor cache; with 1/4/16 a padded batch still beats eager (docs/benchmarks.md).
+DEFAULT_DECODE_SIZES = (1, 4, 16)
 
 
 @dataclass(frozen=True)
