@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graphcap.errors import UserError
-from graphcap.executor.loader import iter_safetensors, safetensors_files
+from graphcap.executor.loader import iter_safetensors, load_checked, safetensors_files
 from graphcap.models.encoder_registry import encoder_architecture, resolve_encoder
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "minilm")
@@ -164,21 +164,7 @@ def build_encoder(
     files = safetensors_files(source.path)
     with torch.device(device):
         model = cls(config, dtype, quant_method_factory)
-    try:
-        loaded = model.load_weights(iter_safetensors(files))
-    except UserError:
-        raise
-    except (ValueError, RuntimeError) as e:  # RowParallelLinear reports a too-narrow tensor as RuntimeError
-        raise UserError(f"checkpoint does not fit the model: {e}") from None
-    missing = sorted({n for n, _ in model.named_parameters()} - loaded)
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise UserError(f"checkpoint is missing {len(missing)} weights: {shown}")
-    for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        if method is not None:
-            method.process_weights_after_loading(module)
-    return model.eval()
+    return load_checked(model, iter_safetensors(files))
 
 
 def load_encoder(model: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LoadedEncoder:

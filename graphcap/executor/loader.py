@@ -96,9 +96,17 @@ def build_model(
     cls = resolve_decoder(source.config.architecture)
     with torch.device(device):
         model = cls(source.config, dtype, quant_method_factory)
+    return load_checked(model, source.weights())
+
+
+def load_checked(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> nn.Module:
+    """Load HF-named weights into one of our models, refuse a checkpoint that does not fill every required
+    parameter, then let quantisation methods post-process their layers. Shared by decoders and encoders."""
     try:
-        loaded = model.load_weights(source.weights())
-    except ValueError as e:
+        loaded = model.load_weights(weights)
+    except UserError:
+        raise
+    except (ValueError, RuntimeError) as e:  # a tensor of the wrong shape surfaces as either
         raise UserError(f"checkpoint does not fit the model: {e}") from None
     expected = {n for n, p in model.named_parameters() if not getattr(p, "optional_in_checkpoint", False)}
     missing = sorted(expected - loaded)
