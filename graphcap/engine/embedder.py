@@ -88,6 +88,12 @@ class Embedder:
             raise UserError(f"{cfg.model!r} is an encoder; set graph_encoder= instead of graph_decode/graph_prefill")
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("device='cuda' was requested but no CUDA device is available")
+        group = get_tp_group()
+        if cfg.tp_size > 1 and (group is None or group.world_size != cfg.tp_size):
+            raise UserError(
+                f"tp_size={cfg.tp_size} for an encoder needs an initialised TP group of that size in this process "
+                "(the encoder joins the group it runs in); graphcap's own rank launcher serves decoders only"
+            )
         self.config = cfg
         self.device = torch.device(cfg.device)
         self.dtype = parse_dtype(cfg.dtype)
