@@ -18,8 +18,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     # Shift by the max and divide in float64: softmax is unchanged, but a tiny temperature can no longer
-    # overflow fp32 to inf (inf - inf = NaN) or be rounded to 0 (0 / 0 = NaN).
-    logits = (logits - logits.max()).double() / p.temperature
+    # overflow fp32 to inf (inf - inf = NaN) or be rounded to 0 (0 / 0 = NaN). The shift itself is done in
+    # float64 too: in fp32, 1.0 - 3e-15 rounds to 1.0 and would tie distinct logits at the top-k cut.
+    logits = logits.double()
+    logits = (logits - logits.max()) / p.temperature
     if p.top_k > 0 and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
