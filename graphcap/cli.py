@@ -123,7 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.encoder:
         from graphcap.bench.encoder import encoder_rows
 
-        result["results"] += encoder_rows(args.encoder, iters=args.iters, device=args.device)
+        result["results"] += encoder_rows(args.encoder, iters=args.iters, device=args.device or "cpu")
     print(render(result))
     if args.json:
         write_json(result, args.json)
