@@ -173,11 +173,19 @@ def rename_bert_weight(name: str) -> tuple[str, str | None]:
     if name.startswith("bert."):
         name = name[len("bert."):]
     name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
+    return rename_layer_weight(name, _LAYER_RENAMES)
+
+
+def rename_layer_weight(
+    name: str, renames: tuple[tuple[re.Pattern[str], str, str | None], ...]
+) -> tuple[str, str | None]:
+    """`encoder.layer.N.<rest>` -> `layers.N.<ours>` by the first matching rename, with its qkv shard;
+    the per-layer mapping every HF encoder layout (BERT, ViT) shares. Other names pass through."""
     match = _LAYER_PREFIX.match(name)
     if match is None:
         return name, None
     index, rest = match.groups()
-    for pattern, ours, shard in _LAYER_RENAMES:
+    for pattern, ours, shard in renames:
         if pattern.match(rest):
             return f"layers.{index}.{pattern.sub(ours, rest)}", shard
     return f"layers.{index}.{rest}", None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graphcap.errors import UserError
-from graphcap.models.bert import EncoderMLP, EncoderSelfAttention, load_encoder_weights
+from graphcap.models.bert import EncoderMLP, EncoderSelfAttention, load_encoder_weights, rename_layer_weight
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,6 @@ _LAYER_RENAMES: tuple[tuple[re.Pattern[str], str, str | None], ...] = (
     (re.compile(r"^output\.dense\."), "mlp.down_proj.", None),
     (re.compile(r"^layernorm_after\."), "mlp_norm.", None),
 )
-_LAYER_PREFIX = re.compile(r"^encoder\.layer\.(\d+)\.(.*)$")
 
 
 def rename_vit_weight(name: str) -> tuple[str, str | None]:
@@ -123,14 +122,7 @@ def rename_vit_weight(name: str) -> tuple[str, str | None]:
     if name.startswith("vit."):
         name = name[len("vit."):]
     name = name.replace("embeddings.patch_embeddings.projection.", "embeddings.patch_embeddings.")
-    match = _LAYER_PREFIX.match(name)
-    if match is None:
-        return name, None
-    index, rest = match.groups()
-    for pattern, ours, shard in _LAYER_RENAMES:
-        if pattern.match(rest):
-            return f"layers.{index}.{pattern.sub(ours, rest)}", shard
-    return f"layers.{index}.{rest}", None
+    return rename_layer_weight(name, _LAYER_RENAMES)
 
 
 class ViTModel(nn.Module):
