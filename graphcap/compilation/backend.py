@@ -28,8 +28,6 @@ from graphcap.compilation.split import Piece, split_graph
 
 log = logging.getLogger("graphcap")
 
-CUDA_GRAPH_WARMUP_RUNS = 2
-
 
 @dataclass
 class CompileStats:
@@ -179,23 +177,10 @@ class _CudaGraphPiece:
     piece graphs keep their addresses, so they cost nothing."""
 
     def __init__(self, fn: Callable, args: tuple, pool: Any) -> None:
-        import gc
+        from graphcap.graph.backends.cuda_graph import capture_graph
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(CUDA_GRAPH_WARMUP_RUNS):
-                fn(*args)
-        torch.cuda.current_stream().wait_stream(stream)
         self.inputs = [a if isinstance(a, torch.Tensor) else None for a in args]
-        self.graph = torch.cuda.CUDAGraph()
-        gc.collect()
-        gc.freeze()
-        try:
-            with torch.cuda.graph(self.graph, pool=pool, stream=stream):
-                self.out = fn(*args)
-        finally:
-            gc.unfreeze()
+        self.graph, self.out = capture_graph(fn, args, pool)
 
     def __call__(self, *args: Any) -> Any:
         for static, arg in zip(self.inputs, args):

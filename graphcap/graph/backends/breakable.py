@@ -14,7 +14,6 @@ so startup pays three small compiles instead of one whole-model trace per bucket
 
 from __future__ import annotations
 
-import gc
 from typing import Callable, Sequence
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from graphcap.attention.metadata import AttentionMetadata
 from graphcap.graph.backends.base import Replay
 from graphcap.graph.backends.cpu_inductor import fresh_function
+from graphcap.graph.backends.cuda_graph import capture_stream
 from graphcap.models.segments import SegmentedBody, run_segmented
 
 
@@ -91,32 +91,24 @@ class CudaBreakableBackend:
         body, layers = self.body, self.body.layers
         hidden, positions = args[0], args[1]
         meta = _metadata(args, self.page_size)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
         graphs: list[torch.cuda.CUDAGraph] = []
         breaks: list[tuple] = []
-        gc.collect()
-        gc.freeze()
-        try:
-            with torch.cuda.stream(stream):
-                run_segmented(body, hidden, positions, meta)  # warm-up outside capture
+        with capture_stream(self.device) as stream:
+            run_segmented(body, hidden, positions, meta)  # warm-up outside capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                q, k, v, residual = body.first(layers[0], positions, hidden)
+            graphs.append(graph)
+            for i, layer in enumerate(layers):
+                attn_out = body.attend(layer, q, k, v, meta)  # the break: eager, between captures
+                breaks.append((layer, q, k, v, attn_out))
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    q, k, v, residual = body.first(layers[0], positions, hidden)
+                    if i + 1 == len(layers):
+                        result = body.last(layer, attn_out, residual)
+                    else:
+                        q, k, v, residual = body.middle(layer, layers[i + 1], positions, attn_out, residual)
                 graphs.append(graph)
-                for i, layer in enumerate(layers):
-                    attn_out = body.attend(layer, q, k, v, meta)  # the break: eager, between captures
-                    breaks.append((layer, q, k, v, attn_out))
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                        if i + 1 == len(layers):
-                            result = body.last(layer, attn_out, residual)
-                        else:
-                            q, k, v, residual = body.middle(layer, layers[i + 1], positions, attn_out, residual)
-                    graphs.append(graph)
-        finally:
-            gc.unfreeze()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
         self.captured[label] = (graphs, breaks, result)
 
         def replay(current: tuple[torch.Tensor, ...]) -> torch.Tensor:
