@@ -33,9 +33,6 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> ScheduledBatch | None:
         """The next batch; when every running request is stuck mid-prefill without pages, the newest one
         is preempted so the others can proceed."""

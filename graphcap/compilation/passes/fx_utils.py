@@ -36,10 +36,6 @@ class FunctionalizedCall:
     mutable: list[str]  # mutable argument names, in the order of the node's outputs
     outputs: dict[str, Node]  # mutable argument -> the getitem holding its new value (absent if unused)
 
-    def output_users(self, name: str) -> list[Node]:
-        out = self.outputs.get(name)
-        return [] if out is None else list(out.users)
-
 
 def _mutable_names(op: torch._ops.OpOverload) -> list[str]:
     return [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
