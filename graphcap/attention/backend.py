@@ -12,7 +12,7 @@ import torch
 
 from graphcap.attention.metadata import AttentionMetadata
 from graphcap.attention.op import attention_op
-from graphcap.attention.torch_native import decode_attention, paged_attention, write_and_attend, write_kv
+from graphcap.attention.torch_native import decode_attention, paged_attention, prefix_free_attention, write_kv
 
 
 class TorchNativeAttnBackend:
@@ -33,8 +33,14 @@ class TorchNativeAttnBackend:
             if torch.compiler.is_compiling():
                 return attention_op(q, k, v, *args, cache_key, meta.page_size, scale)
             # Outside a trace the op boundary buys nothing and its dispatch costs tens of microseconds per
-            # layer, so eager steps (and CUDA graph captures of them) call its implementation directly.
-            return write_and_attend(q, k, v, k_cache, v_cache, *args, meta.page_size, scale)
+            # layer, so eager steps (and CUDA graph captures of them) run its implementation directly, with
+            # the key indices and mask built once per step instead of once per layer.
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            if meta.prefix_free:
+                return prefix_free_attention(q, k, v, meta.q_index, meta.out_index, scale, meta.extend_lens)
+            kv_indices, mask = meta.eager_plan()
+            return paged_attention(q, k_cache, v_cache, kv_indices, meta.q_index, meta.q_pos, meta.out_index,
+                                   scale, mask)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.q_index.shape[1] == 1 and meta.q_index.shape[0] == q.shape[0]:
             return decode_attention(q, k_cache, v_cache, meta.kv_indices(), meta.q_pos, scale)

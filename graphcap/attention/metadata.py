@@ -10,12 +10,12 @@ The protocol has three steps so graph runners can own static buffers:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from graphcap.attention.torch_native import kv_indices_from_block_table
+from graphcap.attention.torch_native import attention_mask, kv_indices_from_block_table
 
 
 @dataclass
@@ -29,10 +29,21 @@ class AttentionMetadata:
     out_index: torch.Tensor  # [T] row of each token in the flattened [B*Lq] attention output
     page_size: int
     inline: bool = False  # True: expose attention's torch ops to the compiler instead of the opaque op
+    prefix_free: bool = False  # no request has cached keys (set out of graph, where it is known for free)
+    extend_lens: tuple[int, ...] = ()  # new tokens per request, for eager attention's ragged path
+    _eager_plan: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def kv_indices(self) -> torch.Tensor:
         """In-graph prepare: the cache slot of every key position of every request, [B, Np*page]."""
         return kv_indices_from_block_table(self.block_table, self.page_size)
+
+    def eager_plan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(kv_indices, mask) for attention run eagerly: built at the first layer and reused by the rest,
+        since every layer of one step reads the same key positions."""
+        if self._eager_plan is None:
+            kv = self.kv_indices()
+            self._eager_plan = (kv, attention_mask(kv.shape[1], self.q_pos))
+        return self._eager_plan
 
 
 def build_metadata(
@@ -77,6 +88,8 @@ def build_metadata(
         q_pos=tensor(q_pos),
         out_index=tensor(out_index),
         page_size=page_size,
+        prefix_free=not any(prefix_lens),
+        extend_lens=tuple(extend_lens),
     )
 
 

@@ -9,25 +9,32 @@ weak, the pool could hand their memory to another bucket's capture and a replay 
 
 CPU: regional compilation. Each segment kind (first, middle, last) is compiled once with a dynamic token
 dimension, and the one compiled middle segment serves every layer (weights are inputs, not constants),
-so startup pays three small compiles instead of one whole-model trace per bucket.
+so startup pays three small compiles instead of one whole-model trace per bucket. Segments are called
+as plain Inductor callables (segment_compile.py), without Dynamo's per-call entry cost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import torch
 
 from graphcap.attention.metadata import AttentionMetadata
 from graphcap.graph.backends.base import Replay
-from graphcap.graph.backends.cpu_inductor import fresh_function
 from graphcap.graph.backends.cuda_graph import capture_stream
+from graphcap.graph.backends.segment_compile import CompiledSegment
 from graphcap.models.segments import SegmentedBody, run_segmented
 
 
-def _metadata(args: Sequence[torch.Tensor], page_size: int) -> AttentionMetadata:
+def _metadata(args: Sequence[torch.Tensor], page_size: int, live: AttentionMetadata | None) -> AttentionMetadata:
+    """Metadata for the eager breaks: the bucket-sized token-level tensors of `args`, with the live
+    batch's out-of-graph facts (prefix-free, request lengths) when the runner passes them."""
     slot_mapping, block_table, q_index, q_pos, out_index = args[2:7]
-    return AttentionMetadata(slot_mapping, block_table, q_index, q_pos, out_index, page_size)
+    if live is None:
+        return AttentionMetadata(slot_mapping, block_table, q_index, q_pos, out_index, page_size)
+    return dataclasses.replace(live, slot_mapping=slot_mapping, block_table=block_table, q_index=q_index,
+                               q_pos=q_pos, out_index=out_index)
 
 
 def make_breakable_backend(body: SegmentedBody, device: torch.device, inductor_options: dict, page_size: int):
@@ -41,14 +48,11 @@ class CpuBreakableBackend:
 
     def __init__(self, body: SegmentedBody, inductor_options: dict, page_size: int) -> None:
         self.page_size = page_size
-        # Guards are skipped for the reason given in cpu_inductor.py; shapes are covered by the dynamic
-        # token dimension and every layer passes its own weights as inputs.
-        options = {**inductor_options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
-
-        def compiled(fn: Callable) -> Callable:
-            return torch.compile(fresh_function(fn), fullgraph=True, dynamic=True, options=options)
-
-        self.body = SegmentedBody(body.layers, compiled(body.first), compiled(body.middle), compiled(body.last),
+        # One compiled segment per kind with a dynamic token dimension; every layer passes its own
+        # weights as inputs, so the middle segment serves all of them and every bucket.
+        options = dict(inductor_options)
+        self.body = SegmentedBody(body.layers, CompiledSegment(body.first, 1, options),
+                                  CompiledSegment(body.middle, 2, options), CompiledSegment(body.last, 1, options),
                                   body.attend)
 
     def capture(
@@ -60,8 +64,8 @@ class CpuBreakableBackend:
     ) -> Replay:
         """`fn` is the unsegmented body; this backend runs the same computation from the model's segments."""
 
-        def replay(current: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            return run_segmented(self.body, current[0], current[1], _metadata(current, self.page_size))
+        def replay(current: tuple[torch.Tensor, ...], live: AttentionMetadata | None = None) -> torch.Tensor:
+            return run_segmented(self.body, current[0], current[1], _metadata(current, self.page_size, live))
 
         replay(args)
         return replay
@@ -90,7 +94,7 @@ class CudaBreakableBackend:
     ) -> Replay:
         body, layers = self.body, self.body.layers
         hidden, positions = args[0], args[1]
-        meta = _metadata(args, self.page_size)
+        meta = _metadata(args, self.page_size, None)
         graphs: list[torch.cuda.CUDAGraph] = []
         breaks: list[tuple] = []
         with capture_stream(self.device) as stream:
@@ -111,8 +115,8 @@ class CudaBreakableBackend:
                 graphs.append(graph)
         self.captured[label] = (graphs, breaks, result)
 
-        def replay(current: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            live = _metadata(current, self.page_size)
+        def replay(current: tuple[torch.Tensor, ...], live: AttentionMetadata | None = None) -> torch.Tensor:
+            live = _metadata(current, self.page_size, live)
             graphs[0].replay()
             for (layer, bq, bk, bv, out), segment in zip(breaks, graphs[1:]):
                 out.copy_(body.attend(layer, bq, bk, bv, live))

@@ -54,6 +54,9 @@ class PrefillGraphRunner(BucketedGraphRunner):
             from graphcap.graph.backends import make_backend
 
             self.backend = make_backend(cfg.mode, dev, dict(cfg.inductor_options), compiler)
+        # Only a backend that traces attention's inputs (piecewise) needs per-request tensors of at least
+        # 2 x 2; breakable runs attention eagerly, where padding one request to two doubles its cost.
+        self.pad_requests = cfg.mode != "breakable"
         self.replays: dict[int, Replay] = {}
         self.body_fn = self._body_fn()  # one function for every bucket, so a backend can share its trace
 
@@ -95,14 +98,19 @@ class PrefillGraphRunner(BucketedGraphRunner):
         self.slot_mapping[n:bucket].zero_()
         self.out_index[:n].copy_(batch.attn.out_index)
         self.out_index[n:bucket].zero_()
-        a = batch.attn
-        return (self.hidden[:bucket], self.positions[:bucket], self.slot_mapping[:bucket],
-                *(_at_least_2x2(t) for t in (a.block_table, a.q_index, a.q_pos)), self.out_index[:bucket])
+        per_request = (batch.attn.block_table, batch.attn.q_index, batch.attn.q_pos)
+        if self.pad_requests:
+            per_request = tuple(_at_least_2x2(t) for t in per_request)
+        return (self.hidden[:bucket], self.positions[:bucket], self.slot_mapping[:bucket], *per_request,
+                self.out_index[:bucket])
 
     def _replay(self, batch: ForwardBatch, bucket: int) -> torch.Tensor:
         args = self._load(batch, bucket)
         with graph_replay():
-            hidden = self.replays[bucket](args)
+            if self.pad_requests:
+                hidden = self.replays[bucket](args)
+            else:  # breakable: the eager breaks use the live batch's out-of-graph facts
+                hidden = self.replays[bucket](args, batch.attn)
         return self.mr.model.compute_logits(hidden.index_select(0, batch.select))
 
     # -- capture hooks --------------------------------------------------------------------------------
