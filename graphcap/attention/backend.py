@@ -38,7 +38,7 @@ class TorchNativeAttnBackend:
             write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             if meta.prefix_free:
                 return prefix_free_attention(q, k, v, meta.q_index, meta.out_index, scale, meta.extend_lens)
-            kv_indices, mask = meta.eager_plan()
+            kv_indices, mask = meta.eager_plan(q.dtype)
             return paged_attention(q, k_cache, v_cache, kv_indices, meta.q_index, meta.q_pos, meta.out_index,
                                    scale, mask)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)

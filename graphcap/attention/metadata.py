@@ -37,12 +37,15 @@ class AttentionMetadata:
         """In-graph prepare: the cache slot of every key position of every request, [B, Np*page]."""
         return kv_indices_from_block_table(self.block_table, self.page_size)
 
-    def eager_plan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def eager_plan(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(kv_indices, mask) for attention run eagerly: built at the first layer and reused by the rest,
         since every layer of one step reads the same key positions."""
         if self._eager_plan is None:
             kv = self.kv_indices()
-            self._eager_plan = (kv, attention_mask(kv.shape[1], self.q_pos))
+            # Additive float mask: SDPA takes it as is, where a boolean one is converted on every call.
+            visible = attention_mask(kv.shape[1], self.q_pos)
+            mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+            self._eager_plan = (kv, mask)
         return self._eager_plan
 
 

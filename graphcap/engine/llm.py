@@ -111,7 +111,10 @@ class LLM:
         logits = self.runner.execute(sched.mode, sched.token_ids, sched.prefix_lens, [r.pages for r in sched.requests])
         self._counters[f"{sched.mode.value}_steps"] += 1
         rows = [i for i, s in enumerate(sched.sample) if s]
-        tokens = sample(logits[rows], [sched.requests[i].params for i in rows],
+        # Every row samples in a decode step; copying [B, vocab] logits to select them all would cost
+        # as much as the sampling itself on a large vocabulary.
+        picked = logits if len(rows) == logits.shape[0] else logits[rows]
+        tokens = sample(picked, [sched.requests[i].params for i in rows],
                         [sched.requests[i].generator for i in rows]) if rows else []
         for req, ids in zip(sched.requests, sched.token_ids):
             req.num_cached += len(ids)

@@ -41,13 +41,17 @@ def test_tp2_eager_equals_tp1(model) -> None:
     assert stats["tp"]["world_size"] == 2
 
 
-def test_tp2_graphs_equal_tp1_and_collectives_in_graphs_take_the_capture_path() -> None:
-    with LLM("tiny", kv_cache_tokens=1024) as single:
+@pytest.mark.parametrize("model", ["tiny", "small"])
+def test_tp2_graphs_equal_tp1_and_collectives_in_graphs_take_the_capture_path(model) -> None:
+    with LLM(model, kv_cache_tokens=1024) as single:
+        want_logits = _prefill_logits(single)
         want = [o.token_ids for o in single.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
-    with LLM("tiny", tp_size=2, kv_cache_tokens=1024, graph_decode="full", decode_sizes=[4],
+    with LLM(model, tp_size=2, kv_cache_tokens=1024, graph_decode="full", decode_sizes=[4],
              graph_prefill="breakable", prefill_sizes=[64], max_prefill_tokens=64, graph_select="always") as tp:
+        got_logits = _prefill_logits(tp)  # 35 tokens: replays the 64-token breakable bucket
         got = [o.token_ids for o in tp.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
         stats = tp.stats()
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
     assert got == want
     assert stats["decode"]["replays"] > 0 and stats["prefill"]["replays"] > 0
     for rank_counters in stats["tp"]["communicators"]:
@@ -76,18 +80,22 @@ def test_cli_generate_tp2_matches_tp1(capsys) -> None:
     assert outputs[0] == outputs[1]
 
 
-def test_tp2_piecewise_with_allreduce_rmsnorm_fusion_equals_tp1() -> None:
+@pytest.mark.parametrize("model", ["tiny", "small"])
+def test_tp2_piecewise_with_allreduce_rmsnorm_fusion_equals_tp1(model) -> None:
     """Piecewise decode and prefill under TP. With all-reduce kept inside pieces (only attention splits)
     and custom RMSNorm ops, the all-reduce+RMSNorm fusion has patterns to fire on."""
     compilation = {"splitting_ops": ["graphcap::attention"], "custom_ops": ["rms_norm"],
                    "pass_config": {"enable_allreduce_rms_fusion": True}}
-    with LLM("tiny", kv_cache_tokens=1024) as single:
+    with LLM(model, kv_cache_tokens=1024) as single:
+        want_logits = _prefill_logits(single)
         want = [o.token_ids for o in single.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
-    with LLM("tiny", tp_size=2, kv_cache_tokens=1024, graph_decode="piecewise", decode_sizes=[4],
+    with LLM(model, tp_size=2, kv_cache_tokens=1024, graph_decode="piecewise", decode_sizes=[4],
              graph_prefill="piecewise", prefill_sizes=[64], max_prefill_tokens=64, graph_select="always",
              use_cache=False, compilation_config=compilation) as tp:
+        got_logits = _prefill_logits(tp)
         got = [o.token_ids for o in tp.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
         stats = tp.stats()
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
     assert got == want
     assert stats["decode"]["replays"] > 0 and stats["prefill"]["replays"] > 0
     assert stats["compile"]["passes"]["allreduce_rms_fusion"] > 0
