@@ -28,22 +28,21 @@ class TorchNativeAttnBackend:
         scale: float,
     ) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H*D]."""
-        if not meta.inline:
-            args = (meta.slot_mapping, meta.block_table, meta.q_index, meta.q_pos, meta.out_index)
-            if torch.compiler.is_compiling():
-                return attention_op(q, k, v, *args, cache_key, meta.page_size, scale)
-            # Outside a trace the op boundary buys nothing and its dispatch costs tens of microseconds per
-            # layer, so eager steps (and CUDA graph captures of them) run its implementation directly, with
-            # the key indices and mask built once per step instead of once per layer.
-            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            if meta.prefix_free:
-                return prefix_free_attention(q, k, v, meta.q_index, meta.out_index, scale, meta.extend_lens)
-            kv_indices, mask = meta.eager_plan(q.dtype)
-            return paged_attention(q, k_cache, v_cache, kv_indices, meta.q_index, meta.q_pos, meta.out_index,
-                                   scale, mask)
+        if not meta.inline and torch.compiler.is_compiling():
+            return attention_op(q, k, v, meta.slot_mapping, meta.block_table, meta.q_index, meta.q_pos,
+                                meta.out_index, cache_key, meta.page_size, scale)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.q_index.shape[1] == 1 and meta.q_index.shape[0] == q.shape[0]:
-            return decode_attention(q, k_cache, v_cache, meta.kv_indices(), meta.q_pos, scale)
-        return paged_attention(
-            q, k_cache, v_cache, meta.kv_indices(), meta.q_index, meta.q_pos, meta.out_index, scale
-        )
+        if meta.inline:
+            if meta.q_index.shape[1] == 1 and meta.q_index.shape[0] == q.shape[0]:
+                return decode_attention(q, k_cache, v_cache, meta.kv_indices(), meta.q_pos, scale)
+            return paged_attention(
+                q, k_cache, v_cache, meta.kv_indices(), meta.q_index, meta.q_pos, meta.out_index, scale
+            )
+        # Outside a trace the op boundary buys nothing and its dispatch costs tens of microseconds per
+        # layer, so eager steps (and CUDA graph captures of them) run its implementation directly, with
+        # the key indices and mask built once per step instead of once per layer.
+        if meta.prefix_free:
+            return prefix_free_attention(q, k, v, meta.q_index, meta.out_index, scale, meta.extend_lens)
+        kv_indices, mask = meta.eager_plan(q.dtype)
+        return paged_attention(q, k_cache, v_cache, kv_indices, meta.q_index, meta.q_pos, meta.out_index,
+                               scale, mask)

@@ -19,6 +19,7 @@ from torch import nn
 from graphcap.errors import UserError
 from graphcap.layers.embedding import VocabParallelEmbedding
 from graphcap.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from graphcap.layers.weights import copy_weight
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -207,15 +208,7 @@ def load_encoder_weights(
             continue
         if shard is not None:
             shards_seen.setdefault(name, set()).add(shard)
-        if tensor.is_floating_point() and param.dtype.is_floating_point:
-            tensor = tensor.to(param.dtype)
-        loader = getattr(param, "weight_loader", None)
-        if loader is not None:
-            loader(param, tensor, shard)
-        elif param.shape != tensor.shape:
-            raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
-        else:
-            param.data.copy_(tensor)
+        copy_weight(param, tensor, shard, hf_name)
         loaded.add(name)
     return loaded - {name for name, seen in shards_seen.items() if seen != {"q", "k", "v"}}
 

@@ -17,6 +17,7 @@ from graphcap.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from graphcap.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from graphcap.layers.norm import RMSNorm
 from graphcap.layers.rotary import RotaryEmbedding
+from graphcap.layers.weights import copy_weight
 from graphcap.models.config import ModelConfig
 from graphcap.models.segments import SegmentedBody, run_segmented
 
@@ -205,15 +206,7 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 unexpected.append(hf_name)
                 continue
-            loader = getattr(param, "weight_loader", None)
-            if loader is None:
-                if param.shape != tensor.shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
-                param.data.copy_(tensor)
-            else:
-                if tensor.is_floating_point() and param.dtype.is_floating_point:
-                    tensor = tensor.to(param.dtype)
-                loader(param, tensor, shard)
+            copy_weight(param, tensor, shard, name)
             if shard is None:
                 loaded.add(name)
             else:

@@ -101,7 +101,7 @@ def test_ragged_path_is_taken_for_uneven_lengths_and_leaves_padding_rows_zero() 
     assert torch.count_nonzero(out[19:]) == 0
 
 
-def test_single_whole_request_needs_no_gather() -> None:
+def test_single_request_filling_every_row_matches_reference() -> None:
     q, k, v, k_cache, v_cache, tables, meta = _batch(1, [0], [12])
     out = prefix_free_attention(q, k, v, meta.q_index, meta.out_index, SCALE)
     torch.testing.assert_close(out, _reference(q, k_cache, v_cache, tables, [0], [12]), atol=1e-5, rtol=1e-5)

@@ -10,6 +10,9 @@ Replay = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
 
 
 class GraphBackend(Protocol):
+    """A backend whose captured code leaves attention eager (breakable) also sets
+    `runs_attention_eagerly = True`; its replay then takes the live batch's metadata as a second argument."""
+
     name: str
 
     def capture(

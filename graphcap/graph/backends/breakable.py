@@ -45,6 +45,7 @@ def make_breakable_backend(body: SegmentedBody, device: torch.device, inductor_o
 
 class CpuBreakableBackend:
     name = "breakable-cpu-regional"
+    runs_attention_eagerly = True  # replay(current, live) takes the live batch's metadata
 
     def __init__(self, body: SegmentedBody, inductor_options: dict, page_size: int) -> None:
         self.page_size = page_size
@@ -76,6 +77,7 @@ class CpuBreakableBackend:
 
 class CudaBreakableBackend:
     name = "breakable-cuda-graph"
+    runs_attention_eagerly = True  # replay(current, live) takes the live batch's metadata
 
     def __init__(self, body: SegmentedBody, device: torch.device, page_size: int) -> None:
         self.body = body

@@ -54,9 +54,10 @@ class PrefillGraphRunner(BucketedGraphRunner):
             from graphcap.graph.backends import make_backend
 
             self.backend = make_backend(cfg.mode, dev, dict(cfg.inductor_options), compiler)
-        # Only a backend that traces attention's inputs (piecewise) needs per-request tensors of at least
-        # 2 x 2; breakable runs attention eagerly, where padding one request to two doubles its cost.
-        self.pad_requests = cfg.mode != "breakable"
+        # A backend that runs attention eagerly between its segments takes the live batch's metadata at
+        # replay and needs no padding; one that traces attention's inputs needs per-request tensors of at
+        # least 2 x 2 (padding one request to two would double the eager attention's cost).
+        self.eager_attention = getattr(self.backend, "runs_attention_eagerly", False)
         self.replays: dict[int, Replay] = {}
         self.body_fn = self._body_fn()  # one function for every bucket, so a backend can share its trace
 
@@ -99,7 +100,7 @@ class PrefillGraphRunner(BucketedGraphRunner):
         self.out_index[:n].copy_(batch.attn.out_index)
         self.out_index[n:bucket].zero_()
         per_request = (batch.attn.block_table, batch.attn.q_index, batch.attn.q_pos)
-        if self.pad_requests:
+        if not self.eager_attention:
             per_request = tuple(_at_least_2x2(t) for t in per_request)
         return (self.hidden[:bucket], self.positions[:bucket], self.slot_mapping[:bucket], *per_request,
                 self.out_index[:bucket])
@@ -107,10 +108,10 @@ class PrefillGraphRunner(BucketedGraphRunner):
     def _replay(self, batch: ForwardBatch, bucket: int) -> torch.Tensor:
         args = self._load(batch, bucket)
         with graph_replay():
-            if self.pad_requests:
-                hidden = self.replays[bucket](args)
-            else:  # breakable: the eager breaks use the live batch's out-of-graph facts
+            if self.eager_attention:  # the eager breaks use the live batch's out-of-graph facts
                 hidden = self.replays[bucket](args, batch.attn)
+            else:
+                hidden = self.replays[bucket](args)
         return self.mr.model.compute_logits(hidden.index_select(0, batch.select))
 
     # -- capture hooks --------------------------------------------------------------------------------
