@@ -98,6 +98,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             outs = llm.generate(prompt_token_ids=[args.prompt_ids], sampling_params=params)
         out = outs[0]
+        if not llm.is_driver:  # another rank of a torchrun launch: rank 0 prints the same result
+            return 0
         if args.json:
             print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
                               "stats": llm.stats()}))

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from graphcap.config import EngineConfig, config_from_kwargs
+from graphcap.distributed.env import use_launched_ranks
 from graphcap.engine.request import Request, RequestOutput, Status
 from graphcap.engine.sampler import sample
 from graphcap.engine.sampling_params import SamplingParams
@@ -18,12 +19,15 @@ from graphcap.errors import UserError
 from graphcap.executor.kv_cache import num_pages_for
 from graphcap.executor.loader import resolve_source
 from graphcap.executor.setup import build_local_runner, kv_cache_tokens, max_model_len, resolve_device
+from graphcap.executor.spmd_executor import SPMDExecutor
 from graphcap.executor.tp_executor import TPExecutor
 
 log = logging.getLogger("graphcap")
 
 class LLM:
     _embedder = None  # set for encoder checkpoints (BERT, ViT): the engine is graphcap.engine.embedder
+    _spmd: SPMDExecutor | None = None  # set when an external launcher (torchrun) started the TP ranks
+    _rank = 0  # this process's rank in a launched TP group
 
     def __init__(self, model: str, **kwargs) -> None:
         self.config: EngineConfig = config_from_kwargs(model, kwargs)
@@ -38,7 +42,10 @@ class LLM:
         self.tokenizer = Tokenizer(source.tokenizer_path) if source.tokenizer_path else None
         self.max_model_len = max_model_len(cfg, source)
         t0 = time.perf_counter()
-        if cfg.tp_size > 1:
+        if use_launched_ranks(cfg.tp_size):
+            self.runner = self._spmd = SPMDExecutor(cfg, source)
+            self._rank = self._spmd.rank
+        elif cfg.tp_size > 1:
             self.runner = TPExecutor(cfg, num_pages_for(kv_cache_tokens(cfg, source, resolve_device(cfg)), cfg.page_size))
         else:
             self.runner = build_local_runner(cfg, source)
@@ -68,6 +75,8 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompt_ids):
                 raise UserError(f"got {len(params)} sampling params for {len(prompt_ids)} prompts")
+        if self._spmd is not None:
+            self._spmd.check_same_requests((prompt_ids, params))
         reqs = [self._make_request(ids, p) for ids, p in zip(prompt_ids, params)]
         for r in reqs:
             self.scheduler.add(r)
@@ -81,6 +90,12 @@ class LLM:
         if self._embedder is None:
             raise UserError(f"{self.config.model!r} is a decoder model: it has no embed(); use generate()")
         return self._embedder.embed(texts=texts, images=images)
+
+    @property
+    def is_driver(self) -> bool:
+        """False on ranks other than 0 of a torchrun launch, which compute the same outputs and should
+        leave printing and saving them to rank 0."""
+        return self._rank == 0
 
     def stats(self) -> dict:
         if self._embedder is not None:
@@ -116,6 +131,8 @@ class LLM:
         picked = logits if len(rows) == logits.shape[0] else logits[rows]
         tokens = sample(picked, [sched.requests[i].params for i in rows],
                         [sched.requests[i].generator for i in rows]) if rows else []
+        if self._spmd is not None:
+            tokens = self._spmd.agree(tokens)
         for req, ids in zip(sched.requests, sched.token_ids):
             req.num_cached += len(ids)
         for i, tok in zip(rows, tokens):

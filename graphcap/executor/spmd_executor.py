@@ -1,0 +1,90 @@
+"""Tensor parallelism when an external launcher (torchrun) started the ranks: SPMD execution.
+
+Every rank runs the same user script, so every rank holds a whole engine (scheduler, pages, sampler) and
+its own shard of the model. They stay in lockstep because they schedule the same requests the same way;
+two things are made to agree rather than trusted to: the requests each rank was given (compared once per
+`generate`, a clear error when a rank was handed different prompts) and the sampled tokens (rank 0's
+are broadcast, so random sampling without a seed cannot make ranks diverge).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from graphcap.config import EngineConfig
+from graphcap.distributed.coordinator import destroy_distributed, init_distributed
+from graphcap.errors import UserError
+from graphcap.executor.forward_batch import ForwardMode
+from graphcap.executor.loader import ModelSource
+from graphcap.executor.setup import build_local_runner
+from graphcap.executor.tp_executor import COLLECTIVE_TIMEOUT_S, config_digest
+
+
+def join_launched_group(cfg: EngineConfig):
+    """Join the world the launcher described and check every rank was configured alike."""
+    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    coordinator = init_distributed(backend=backend, timeout_s=COLLECTIVE_TIMEOUT_S)
+    if not _same_on_all_ranks(coordinator, config_digest(cfg)):
+        destroy_distributed()
+        raise UserError("tensor-parallel ranks were started with different configurations")
+    return coordinator
+
+
+def _same_on_all_ranks(coordinator, value: str) -> bool:
+    values: list[Any] = [None] * coordinator.world_size
+    dist.all_gather_object(values, value, group=coordinator.cpu_group)
+    return len(set(values)) == 1
+
+
+class SPMDExecutor:
+    """This rank's share of a launched TP group, with the executor interface the engine drives."""
+
+    def __init__(self, cfg: EngineConfig, source: ModelSource) -> None:
+        self.coordinator = join_launched_group(cfg)
+        self.rank = self.coordinator.rank_in_group
+        self.world_size = self.coordinator.world_size
+        try:
+            self.runner = build_local_runner(cfg, source)
+        except BaseException:
+            destroy_distributed()
+            raise
+        self.load_seconds = self.runner.load_seconds
+
+    @property
+    def pool(self):
+        return self.runner.pool
+
+    def execute(
+        self, mode: ForwardMode, token_ids: list[list[int]], prefix_lens: list[int], page_tables: list[list[int]]
+    ) -> torch.Tensor:
+        return self.runner.execute(mode, token_ids, prefix_lens, page_tables)
+
+    def check_same_requests(self, requests: Any) -> None:
+        """Raise on every rank when the ranks were given different requests: they would otherwise schedule
+        different batches and block in each other's collectives."""
+        digest = hashlib.sha256(pickle.dumps(requests)).hexdigest()
+        if not _same_on_all_ranks(self.coordinator, digest):
+            raise UserError("launched ranks called generate() with different prompts or sampling parameters; "
+                            "every rank must pass the same requests")
+
+    def agree(self, tokens: list[int]) -> list[int]:
+        """Rank 0's sampled tokens, on every rank."""
+        box = [tokens]
+        dist.broadcast_object_list(box, src=self.coordinator.ranks[0], group=self.coordinator.cpu_group)
+        return box[0]
+
+    def stats(self) -> dict:
+        """This rank's counters (no collective, so any one rank may ask)."""
+        out = self.runner.stats()
+        out["tp"] = {"world_size": self.world_size, "rank": self.rank, "launcher": "external",
+                     "communicators": [self.coordinator.stats()]}
+        return out
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
+        destroy_distributed()
