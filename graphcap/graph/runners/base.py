@@ -19,6 +19,20 @@ from graphcap.graph.verify import compare, faster, interleaved_timings
 log = logging.getLogger("graphcap")
 
 
+def agree_across_ranks(report: BucketReport) -> None:
+    """Under TP every rank must serve the same buckets from graphs: a graph replay and an eager step
+    take different collective paths, so ranks that chose differently would wait on each other forever.
+    The most conservative verdict wins (rejected over eager over graph). Without a process group (one
+    rank, or a stand-in group of threads) there is nobody to agree with."""
+    group = get_tp_group()
+    if group is None or group.world_size == 1 or not torch.distributed.is_initialized():
+        return
+    verdicts: list = [None] * group.world_size
+    torch.distributed.all_gather_object(verdicts, (report.status, report.reason), group=group.cpu_group)
+    rank = {"rejected": 0, "eager": 1, "graph": 2}
+    report.status, report.reason = min(verdicts, key=lambda v: rank.get(v[0], 0))
+
+
 class BucketedGraphRunner:
     phase = ""
     timing_iters = 15
@@ -93,12 +107,12 @@ class BucketedGraphRunner:
                         report.status, report.reason = "rejected", "capture_failed"
                         log.warning("%s bucket %d: capture failed (%s: %s); it runs eagerly",
                                     self.phase, bucket, type(e).__name__, e)
-                        continue
-                    finally:
+                    else:
                         probes.release()
-                    self._verify_and_select(bucket, report, probes)
-                    probes.release()  # each bucket's probes go back, so the cache only needs one bucket's worth
-                    self._agree_across_ranks(report)
+                        self._verify_and_select(bucket, report, probes)
+                    finally:
+                        probes.release()  # each bucket's probes go back: the cache only needs one bucket's worth
+                    agree_across_ranks(report)  # also after a failed capture, so no rank waits alone
         finally:
             probes.release()
         self._stats.capture_seconds = time.perf_counter() - t0
@@ -130,18 +144,6 @@ class BucketedGraphRunner:
                 report.status, report.reason = "eager", "bucket_slower_than_eager"
                 return
         report.status = "graph"
-
-    def _agree_across_ranks(self, report: BucketReport) -> None:
-        """Under TP every rank must serve the same buckets from graphs: a graph replay and an eager step
-        take different collective paths, so ranks that chose differently would wait on each other forever.
-        The most conservative verdict wins (rejected over eager over graph)."""
-        group = get_tp_group()
-        if group is None or group.world_size == 1:
-            return
-        verdicts: list = [None] * group.world_size
-        torch.distributed.all_gather_object(verdicts, (report.status, report.reason), group=group.cpu_group)
-        rank = {"rejected": 0, "eager": 1, "graph": 2}
-        report.status, report.reason = min(verdicts, key=lambda v: rank.get(v[0], 0))
 
     def _log_summary(self) -> None:
         s = self._stats

@@ -12,7 +12,8 @@ against eager; a bucket serves graphs only where it is both right and faster. Ve
 on the *unpadded* batch, which is what the eager path of the engine runs, so a padding bug cannot hide.
 
 Capture context: a tensor-parallel encoder issues all-reduces inside the graph, so capture must enter the TP
-group's communicator capture (every rank captures the same buckets in the same order). A data-parallel encoder
+group's communicator capture (every rank captures the same buckets in the same order, and the ranks agree on
+each bucket's verdict, so none replays a graph while another runs the bucket eagerly). A data-parallel encoder
 runs the whole model on each rank's own inputs and issues no collective; entering the group's capture there
 would make every rank wait for the others at a collective capture step they may never reach with the same
 shapes, so it captures in a plain context. `encoder_capture_context` is that choice, in one place.
@@ -34,6 +35,7 @@ from graphcap.graph.backends import make_backend
 from graphcap.graph.backends.base import Replay
 from graphcap.graph.config import EncoderGraphConfig
 from graphcap.graph.probe import rss_bytes
+from graphcap.graph.runners.base import agree_across_ranks
 from graphcap.graph.stats import BucketReport, RunnerStats
 from graphcap.graph.verify import compare, interleaved_medians
 
@@ -227,8 +229,9 @@ class EncoderGraphRunner:
                     report.status, report.reason = "rejected", "capture_failed"
                     log.warning("encoder bucket %s: capture failed (%s: %s); it runs eagerly",
                                 bucket_label(bucket), type(e).__name__, e)
-                    continue
-                self._verify_and_select(bucket, report)
+                else:
+                    self._verify_and_select(bucket, report)
+                agree_across_ranks(report)
         self._stats.capture_seconds = time.perf_counter() - t0
         self._stats.graph_memory_bytes = self.backend.memory_bytes() or max(0, rss_bytes() - rss0)
         self._log_summary()
