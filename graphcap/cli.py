@@ -47,6 +47,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="compiled-artifact cache (default: the user cache dir)")
     p.add_argument("--no-cache", action="store_const", const=False, default=None, dest="use_cache",
                    help="neither read nor write compiled artifacts")
+    p.add_argument("--no-cpu-kernels", action="store_const", const=False, default=None, dest="cpu_kernels",
+                   help="use torch ops instead of graphcap's C++ CPU kernels (decode attention)")
 
 
 def _json_or_path(text: str | None, flag: str) -> dict | None:
@@ -81,7 +83,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "quantization": args.quantization, "cache_dir": args.cache_dir, "use_cache": args.use_cache,
         "compilation_config": _json_or_path(args.compilation_config, "--compilation-config"),
         "inductor_options": _json_or_path(args.inductor_options, "--inductor-options"),
-        "prefill_sizes": args.prefill_sizes,
+        "prefill_sizes": args.prefill_sizes, "cpu_kernels": args.cpu_kernels,
     }
     kwargs.update({k: v for k, v in given.items() if v is not None})
     return kwargs
@@ -144,12 +146,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
         kwargs.update(load_json_config(args.graph_config))
     kwargs.update(device=args.device, dtype=args.dtype, graph_encoder=args.graph_encoder,
                   encoder_parallel=args.encoder_parallel)
+    if args.tp_size is not None:
+        kwargs["tp_size"] = args.tp_size
     if args.encoder_sizes is not None:
         kwargs["encoder_sizes"] = args.encoder_sizes
     if args.encoder_seq_lens is not None:
         kwargs["encoder_seq_lens"] = args.encoder_seq_lens
     with LLM(args.model, **kwargs) as llm:
         vectors = llm.embed(texts=args.text)
+        if not llm.is_driver:  # another rank of a torchrun launch: rank 0 prints the same result
+            return 0
         if args.json:
             print(json.dumps({"embeddings": vectors, "stats": llm.stats()}))
         else:
@@ -202,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--encoder-sizes", type=_int_list, default=None, help="batch buckets, e.g. 1,8,32")
     emb.add_argument("--encoder-seq-lens", type=_int_list, default=None, help="sequence buckets, e.g. 16,32,64,128")
     emb.add_argument("--encoder-parallel", default="tp", help="tp (sharded over the TP group) or dp")
+    emb.add_argument("--tp", type=int, default=None, dest="tp_size", help="tensor-parallel ranks")
     emb.add_argument("--graph-config", default=None, help="JSON file of engine/graph options")
     emb.add_argument("--json", action="store_true", help="print one JSON object: embeddings and stats")
     emb.set_defaults(func=cmd_embed)

@@ -1,9 +1,11 @@
 """The torch-native attention backend: how a model layer's attention call becomes kernels.
 
 By default attention is opaque to compilers: under a trace it is the `graphcap::attention` custom op
-(so compiled graphs can split at it), in eager it is the op's implementation called directly. Metadata built with `inline=True` (whole-step compiled decode) inlines the
-torch code instead, so the compiler can fuse the cache gather into the attention reductions. Either way
-the numbers come from `torch_native.py`.
+(so compiled graphs can split at it), in eager it is the op's implementation called directly. Metadata
+built with `inline=True` (whole-step compiled decode) inlines the attention instead: the torch code, which
+the compiler fuses with the cache gather, or, with `decode_kernel`, graphcap's C++ paged decode kernel
+(`graphcap.ops.cpu_kernels`), which reads only each request's real keys and beats both the fused torch
+code and SDPA on CPU; eager decode steps use that kernel too. The numbers are the same either way.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import torch
 from graphcap.attention.metadata import AttentionMetadata
 from graphcap.attention.op import attention_op
 from graphcap.attention.torch_native import decode_attention, paged_attention, prefix_free_attention, write_kv
+from graphcap.ops import cpu_kernels
 
 
 class TorchNativeAttnBackend:
+    def __init__(self, decode_kernel: bool = False) -> None:
+        self.decode_kernel = decode_kernel  # only where cpu_kernels.available(): decided once, at build time
+
     def forward(
         self,
         q: torch.Tensor,
@@ -32,8 +38,12 @@ class TorchNativeAttnBackend:
             return attention_op(q, k, v, meta.slot_mapping, meta.block_table, meta.q_index, meta.q_pos,
                                 meta.out_index, cache_key, meta.page_size, scale)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        one_query_each = meta.q_index.shape[1] == 1 and meta.q_index.shape[0] == q.shape[0]
+        if one_query_each and self.decode_kernel:
+            kv_indices = meta.kv_indices() if meta.inline else meta.eager_kv_indices()
+            return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, kv_indices, meta.q_pos, scale)
         if meta.inline:
-            if meta.q_index.shape[1] == 1 and meta.q_index.shape[0] == q.shape[0]:
+            if one_query_each:
                 return decode_attention(q, k_cache, v_cache, meta.kv_indices(), meta.q_pos, scale)
             return paged_attention(
                 q, k_cache, v_cache, meta.kv_indices(), meta.q_index, meta.q_pos, meta.out_index, scale

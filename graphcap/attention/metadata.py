@@ -31,17 +31,24 @@ class AttentionMetadata:
     inline: bool = False  # True: expose attention's torch ops to the compiler instead of the opaque op
     prefix_free: bool = False  # no request has cached keys (set out of graph, where it is known for free)
     extend_lens: tuple[int, ...] = ()  # new tokens per request, for eager attention's ragged path
+    _eager_kv: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _eager_plan: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def kv_indices(self) -> torch.Tensor:
         """In-graph prepare: the cache slot of every key position of every request, [B, Np*page]."""
         return kv_indices_from_block_table(self.block_table, self.page_size)
 
-    def eager_plan(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kv_indices, mask) for attention run eagerly: built at the first layer and reused by the rest,
+    def eager_kv_indices(self) -> torch.Tensor:
+        """`kv_indices()` for attention run eagerly: built at the first layer and reused by the rest,
         since every layer of one step reads the same key positions."""
+        if self._eager_kv is None:
+            self._eager_kv = self.kv_indices()
+        return self._eager_kv
+
+    def eager_plan(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv_indices, mask) for eager attention, built once per step like `eager_kv_indices`."""
         if self._eager_plan is None:
-            kv = self.kv_indices()
+            kv = self.eager_kv_indices()
             # Additive float mask: SDPA takes it as is, where a boolean one is converted on every call.
             visible = attention_mask(kv.shape[1], self.q_pos)
             mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))

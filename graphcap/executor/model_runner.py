@@ -37,6 +37,7 @@ class ModelRunner:
         device: torch.device,
         kv_cache_tokens: int,
         page_size: int,
+        decode_kernel: bool = False,
     ) -> None:
         self.model = model
         self.config = config
@@ -49,7 +50,7 @@ class ModelRunner:
             config.num_layers, num_pages, page_size, attn0.num_kv_heads, config.head_dim, dtype, device
         )
         self.kv_cache.bind(model.attention_layers())
-        self.attn_backend = TorchNativeAttnBackend()
+        self.attn_backend = TorchNativeAttnBackend(decode_kernel)
         for layer in model.attention_layers():
             layer.attn_backend = self.attn_backend
         self.graph_runners: dict[ForwardMode, GraphRunner] = {}
@@ -97,7 +98,8 @@ class ModelRunner:
     def stats(self) -> dict:
         """Eager-step counts, cache size, and per-phase graph counters (a phase without a graph runner
         reports mode "eager"), plus the compile report."""
-        out: dict = {"eager_steps": dict(self.eager_steps), "kv_cache": {"bytes": self.kv_cache.nbytes()}}
+        out: dict = {"eager_steps": dict(self.eager_steps), "kv_cache": {"bytes": self.kv_cache.nbytes()},
+                     "decode_attention_kernel": "cpp" if self.attn_backend.decode_kernel else "torch"}
         for mode, name in ((ForwardMode.DECODE, "decode"), (ForwardMode.PREFILL, "prefill")):
             runner = self.graph_runners.get(mode)
             out[name] = runner.stats() if runner else {"mode": "eager", "replays": 0, "rejects": {}, "captured": []}

@@ -27,6 +27,7 @@ from graphcap.graph.runners.prefill import PrefillGraphRunner
 from graphcap.layers.custom_op import enabled_custom_ops
 from graphcap.layers.quantization import quant_method_factory
 from graphcap.models.config import parse_dtype
+from graphcap.ops import cpu_kernels
 
 log = logging.getLogger("graphcap")
 
@@ -69,7 +70,9 @@ def build_local_runner(cfg: EngineConfig, source: ModelSource) -> ModelRunner:
     t0 = time.perf_counter()
     with enabled_custom_ops(custom_ops):
         model = build_model(source, dtype, device, quant_method_factory(cfg.quantization))
-    runner = ModelRunner(model, source.config, dtype, device, kv_cache_tokens(cfg, source, device), cfg.page_size)
+    decode_kernel = device.type == "cpu" and cfg.cpu_kernels and cpu_kernels.available()
+    runner = ModelRunner(model, source.config, dtype, device, kv_cache_tokens(cfg, source, device), cfg.page_size,
+                         decode_kernel)
     runner.load_seconds = time.perf_counter() - t0
     decode_cfg, prefill_cfg = cfg.decode_graph(), cfg.prefill_graph()
     if "piecewise" in (decode_cfg.mode, prefill_cfg.mode):

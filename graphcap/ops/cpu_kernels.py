@@ -1,0 +1,80 @@
+"""Our C++ CPU kernels: built on first use with the installed compiler, cached, optional.
+
+The build (about 10 s) happens once per machine, torch version and kernel source; the result is cached
+under graphcap's cache directory and loaded in well under a second afterwards. The kernels are a speed-up,
+never a requirement: when the build fails (no compiler, no ninja) callers keep their torch formulation and
+`status()` says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from graphcap.compilation.cache import default_cache_dir
+
+log = logging.getLogger("graphcap")
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_decode_attention.cpp"
+CFLAGS = ["-O3", "-march=native", "-ffast-math"]
+
+_lock = threading.Lock()
+_status: str | None = None  # "ready" or "unavailable: ..."
+
+
+def _build_dir() -> Path:
+    """One directory per (source, flags, torch, CPU capability): -march=native code is only valid where built."""
+    key = "|".join([SOURCE.read_text(), " ".join(CFLAGS), torch.__version__, platform.machine(),
+                    torch.backends.cpu.get_cpu_capability()])
+    path = default_cache_dir() / "kernels" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build() -> str:
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(name="graphcap_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+             build_directory=str(_build_dir()), is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, no source, read-only cache: torch ops serve instead
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        log.warning("graphcap CPU kernels unavailable (%s); using torch ops instead", reason)
+        return f"unavailable: {reason}"
+
+    @torch.library.register_fake("graphcap_cpu::paged_decode_attention")
+    def _fake(q, k_cache, v_cache, kv_indices, q_pos, scale):
+        return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+    return "ready"
+
+
+def status() -> str:
+    """Build (once per process) and report: "ready", or "unavailable: <reason>"."""
+    global _status
+    with _lock:
+        if _status is None:
+            _status = _build()
+        return _status
+
+
+def available() -> bool:
+    return status() == "ready"
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_pos: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention over the paged cache, same contract as `torch_native.decode_attention`
+    (q: [B, H, D]; kv_indices: [B, L]; q_pos: [B, 1] -> [B, H*D]); call only when `available()`."""
+    return torch.ops.graphcap_cpu.paged_decode_attention(q, k_cache, v_cache, kv_indices, q_pos, scale)
