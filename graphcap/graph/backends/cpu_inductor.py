@@ -16,8 +16,11 @@ import torch
 from graphcap.graph.backends.base import Replay
 
 # Measured on the 2-core CPU machine (docs/benchmarks.md, "Inductor options"); override per run with
-# `inductor_options` in the graph config.
-DEFAULT_INDUCTOR_OPTIONS: dict[str, object] = {}
+# `inductor_options` in the graph config. The generated wrapper re-checks every input's sizes, strides and
+# alignment on each call (one check per weight: about 0.15 ms per step on `tiny`); like the guards, these
+# checks cannot fail here, because a runner calls its compiled code only with the buffers it compiled it for.
+DEFAULT_INDUCTOR_OPTIONS: dict[str, object] = {"size_asserts": False, "alignment_asserts": False,
+                                               "scalar_asserts": False}
 
 
 def fresh_function(fn: Callable) -> Callable:
