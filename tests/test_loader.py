@@ -238,3 +238,15 @@ def test_bfloat16_model_runs(llama_ckpt):
     with LLM(str(llama_ckpt.path), dtype="bfloat16", kv_cache_tokens=256) as llm:
         assert all(t.dtype == torch.bfloat16 for t in llm.runner.model.state_dict().values())
         assert len(llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=p)[0].token_ids) == 4
+
+
+def test_untied_lm_head_is_stored_column_major_on_cpu_with_the_checkpoint_values(tmp_path):
+    """A layout change only: the head's values are the checkpoint's, seen through a transposed view."""
+    path = export_preset("tiny", tmp_path / "tiny")
+    model = build_model(resolve_source(str(path)), torch.float32, torch.device("cpu"))
+    head = model.lm_head.weight
+    want = load_file(str(path / "model.safetensors"))["lm_head.weight"]
+    assert head.t().is_contiguous() and not head.is_contiguous()
+    assert torch.equal(head, want)
+    hidden = torch.randn(3, head.shape[1])
+    torch.testing.assert_close(model.lm_head.compute_logits(hidden), hidden @ want.t(), atol=1e-5, rtol=1e-5)

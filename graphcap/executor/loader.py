@@ -117,4 +117,7 @@ def load_checked(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+        finish = getattr(module, "finish_loading", None)  # a layer's own post-load layout change
+        if finish is not None:
+            finish()
     return model.eval()

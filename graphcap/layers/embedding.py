@@ -53,3 +53,14 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """An untied LM head; it shares the embedding's sharding and logits computation."""
+
+    def finish_loading(self) -> None:
+        """On CPU, keep the table column-major (a [hidden, vocab] matrix seen through a transposed view).
+
+        `F.linear` then hands MKL a plain row-major right operand instead of a transposed one, and for a
+        vocabulary-wide head with few rows MKL streams that layout much faster (`small`, 32000 x 512: 8.3 -> 4.8
+        ms at 1 row, 21 -> 18 ms at 16). Same values, same shape; only the strides change. A tied table stays
+        row-major: the embedding lookup gathers its rows.
+        """
+        if self.weight.device.type == "cpu":
+            self.weight.data = self.weight.data.t().contiguous().t()
