@@ -14,6 +14,7 @@ import torch
 from graphcap.distributed import parallel_state
 from graphcap.executor.encoder_loader import load_encoder
 from graphcap.graph.config import EncoderGraphConfig
+from graphcap.graph.runners import base as runner_base
 from graphcap.graph.runners import encoder as encoder_runner
 from graphcap.graph.runners.encoder import EncoderGraphRunner, encoder_capture_context
 
@@ -94,7 +95,7 @@ def test_verification_rejects_wrong_graphs(tiny_bert, monkeypatch: pytest.Monkey
 
 
 def test_slower_buckets_fall_back_with_select_auto(tiny_bert, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(encoder_runner, "interleaved_medians", lambda fa, fb, iters: (2.0, 1.0))
+    monkeypatch.setattr(runner_base, "interleaved_timings", lambda fa, fb, iters: ([2.0] * iters, [1.0] * iters))
     runner = make_runner(tiny_bert, select="auto")
     runner.capture()
     assert runner.can_run(2, 8) == "bucket_slower_than_eager"

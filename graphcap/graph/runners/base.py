@@ -1,6 +1,7 @@
 """What every graph runner shares: the capture loop (largest bucket first, progress bar, capture failures
-kept as reasons), verification against eager, per-bucket eager-vs-graph selection, counters and the
-one-line summary. Subclasses own their shapes: buckets, static buffers, padding, probe batches."""
+kept as reasons), verification against eager, per-bucket eager-vs-graph selection, agreement across TP
+ranks, counters and the one-line summary. Subclasses own their shapes: buckets, static buffers, padding,
+probe batches, the eager reference and the context capture runs in (decode, prefill and encoders alike)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ class BucketedGraphRunner:
     phase = ""
     timing_iters = 15
 
-    def __init__(self, model_runner, mode: str, buckets: list[int], verify: str, select: str, atol: float, rtol: float):
-        self.mr = model_runner
-        self.device = model_runner.device
+    def __init__(self, device: torch.device, mode: str, buckets: list, verify: str, select: str, atol: float,
+                 rtol: float) -> None:
+        self.device = device
         self.mode = mode
         self.buckets = buckets
         self.verify_mode = verify
@@ -78,6 +79,24 @@ class BucketedGraphRunner:
     def _timing_batch(self, bucket: int, probes: ProbeBatches) -> ForwardBatch:
         raise NotImplementedError
 
+    def _probes(self) -> ProbeBatches:
+        """Where capture, verification and timing inputs come from; decoders' probes fill real KV pages
+        and give them back on `release()`."""
+        return ProbeBatches(self.mr, seed=1234)
+
+    def _eager(self, batch: ForwardBatch) -> torch.Tensor:
+        """The reference a bucket's graph must match and beat."""
+        return self.mr.forward_eager(batch)
+
+    def _capture_context(self):
+        return graph_capture()
+
+    def _capture_order(self) -> list:
+        return sorted(self.buckets, reverse=True)  # largest first: CUDA graphs share the largest's pool
+
+    def _label(self, bucket) -> str:
+        return str(bucket)
+
     # -- shared mechanics -----------------------------------------------------------------------------
     def _bucket_for(self, size: int) -> int:
         return next(b for b in self.buckets if b >= size)
@@ -91,13 +110,13 @@ class BucketedGraphRunner:
     def capture(self) -> None:
         t0 = time.perf_counter()
         rss0 = rss_bytes()
-        probes = ProbeBatches(self.mr, seed=1234)
+        probes = self._probes()
         try:
-            with graph_capture():
-                bar = tqdm(sorted(self.buckets, reverse=True), desc=f"capture {self.phase} ({self.mode})",
+            with self._capture_context():
+                bar = tqdm(self._capture_order(), desc=f"capture {self.phase} ({self.mode})",
                            unit="bucket", disable=None, leave=False)
                 for bucket in bar:
-                    bar.set_postfix(size=bucket)
+                    bar.set_postfix(bucket=self._label(bucket))
                     report = self._stats.buckets[bucket] = BucketReport(bucket)
                     try:
                         self._capture_bucket(bucket, probes)
@@ -105,8 +124,8 @@ class BucketedGraphRunner:
                         if self.verify_mode == "strict":
                             raise
                         report.status, report.reason = "rejected", "capture_failed"
-                        log.warning("%s bucket %d: capture failed (%s: %s); it runs eagerly",
-                                    self.phase, bucket, type(e).__name__, e)
+                        log.warning("%s bucket %s: capture failed (%s: %s); it runs eagerly",
+                                    self.phase, self._label(bucket), type(e).__name__, e)
                     else:
                         probes.release()
                         self._verify_and_select(bucket, report, probes)
@@ -123,12 +142,12 @@ class BucketedGraphRunner:
         worst = 0.0
         if self.verify_mode != "off":
             for batch in self._verify_batches(bucket, probes):
-                ref = self.mr.forward_eager(batch)
+                ref = self._eager(batch)
                 diff, ok = compare(self._replay(batch, bucket), ref, self.atol, self.rtol)
                 worst = max(worst, diff)
                 if not ok:
                     report.status, report.reason, report.max_abs_diff = "rejected", "bucket_rejected", diff
-                    msg = f"{self.phase} bucket {bucket}: graph differs from eager (max |diff| {diff:.3g})"
+                    msg = f"{self.phase} bucket {self._label(bucket)}: graph differs from eager (max |diff| {diff:.3g})"
                     if self.verify_mode == "strict":
                         raise RuntimeError(msg)
                     log.warning("%s; the bucket runs eagerly", msg)
@@ -137,7 +156,7 @@ class BucketedGraphRunner:
         if self.select_mode == "auto":
             batch = self._timing_batch(bucket, probes)
             graph_ms, eager_ms = interleaved_timings(
-                lambda: self._replay(batch, bucket), lambda: self.mr.forward_eager(batch), self.timing_iters
+                lambda: self._replay(batch, bucket), lambda: self._eager(batch), self.timing_iters
             )
             report.graph_ms, report.eager_ms = statistics.median(graph_ms), statistics.median(eager_ms)
             if not faster(graph_ms, eager_ms):
@@ -147,10 +166,10 @@ class BucketedGraphRunner:
 
     def _log_summary(self) -> None:
         s = self._stats
-        by_status: dict[str, list[int]] = {}
-        for size, rep in sorted(s.buckets.items()):
-            by_status.setdefault(rep.status, []).append(size)
-        parts = ", ".join(f"{k}={v}" for k, v in sorted(by_status.items()))
+        by_status: dict[str, list[str]] = {}
+        for bucket, rep in sorted(s.buckets.items()):
+            by_status.setdefault(rep.status, []).append(self._label(bucket))
+        parts = ", ".join(f"{k}=[{', '.join(v)}]" for k, v in sorted(by_status.items()))
         log.info("%s graphs (%s): %d buckets [%s] in %.1f s, memory +%.1f MiB", self.phase, self.mode,
                  len(s.buckets), parts, s.capture_seconds, s.graph_memory_bytes / 2**20)
 

@@ -31,7 +31,8 @@ class DecodeGraphRunner(BucketedGraphRunner):
         buckets = cfg.buckets(max_running_requests)
         if not buckets:
             raise UserError(f"no decode size in {list(cfg.sizes)} fits max_running_requests={max_running_requests}")
-        super().__init__(model_runner, cfg.mode, buckets, cfg.verify, cfg.select, cfg.atol, cfg.rtol)
+        self.mr = model_runner
+        super().__init__(model_runner.device, cfg.mode, buckets, cfg.verify, cfg.select, cfg.atol, cfg.rtol)
         self.cfg = cfg
         self.page_size = model_runner.page_size
         self.max_bs = buckets[-1]

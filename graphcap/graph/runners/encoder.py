@@ -22,27 +22,16 @@ shapes, so it captures in a plain context. `encoder_capture_context` is that cho
 from __future__ import annotations
 
 import contextlib
-import logging
-import time
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from graphcap.distributed.parallel_state import get_tp_group
 from graphcap.errors import UserError
 from graphcap.graph.backends import make_backend
 from graphcap.graph.backends.base import Replay
 from graphcap.graph.config import EncoderGraphConfig
-from graphcap.graph.probe import rss_bytes
-from graphcap.graph.runners.base import agree_across_ranks
-from graphcap.graph.stats import BucketReport, RunnerStats
-from graphcap.graph.verify import compare, interleaved_medians
-
-log = logging.getLogger("graphcap")
-
-TIMING_ITERS = 7
-VERIFY_TRIALS = 2
+from graphcap.graph.runners.base import BucketedGraphRunner
 
 Bucket = tuple[int, int]  # (batch size, sequence length)
 
@@ -74,18 +63,34 @@ def bucket_label(bucket: Bucket) -> str:
     return f"{bucket[0]}x{bucket[1]}"
 
 
-class EncoderGraphRunner:
-    """Buckets, static buffers, padding, verification and counters for one encoder model.
+class EncoderProbes:
+    """Capture/verification inputs for an encoder: random batches from the runner, nothing to give back."""
+
+    def __init__(self, runner: "EncoderGraphRunner") -> None:
+        self.runner = runner
+
+    def batch(self, batch: int, seq: int, full: bool) -> tuple[torch.Tensor, ...]:
+        return self.runner.random_inputs(batch, seq, full)
+
+    def release(self) -> None:
+        """Encoder probes hold no cache pages."""
+
+
+class EncoderGraphRunner(BucketedGraphRunner):
+    """Buckets, static buffers and padding for one encoder model; capture, verification, selection and
+    counters come from `BucketedGraphRunner`, with (batch, sequence length) buckets.
 
     `model` is a graphcap encoder (`BertModel` or `ViTModel`): the runner graphs `model.embed`. `max_seq_len`
     caps the text sequence buckets (the tokenizer's truncation length or the position table).
     """
 
+    phase = "encoder"
+    timing_iters = 7
+
     def __init__(self, model: torch.nn.Module, cfg: EncoderGraphConfig, device: torch.device,
                  max_seq_len: int | None = None) -> None:
         self.model = model
         self.cfg = cfg
-        self.device = torch.device(device)
         mc = model.config
         self.is_image = hasattr(mc, "image_size")
         self.batch_sizes = sorted(set(cfg.batch_sizes))
@@ -97,7 +102,8 @@ class EncoderGraphRunner:
             self.seq_lens = sorted({s for s in cfg.seq_lens if s <= limit})
             if not self.seq_lens:
                 raise UserError(f"no encoder sequence length in {list(cfg.seq_lens)} fits the model's {limit} tokens")
-        self.buckets: list[Bucket] = [(b, s) for b in self.batch_sizes for s in self.seq_lens]
+        buckets: list[Bucket] = [(b, s) for b in self.batch_sizes for s in self.seq_lens]
+        super().__init__(torch.device(device), cfg.mode, buckets, cfg.verify, cfg.select, cfg.atol, cfg.rtol)
         self.max_bs = self.batch_sizes[-1]
         self.max_seq = self.seq_lens[-1]
         self.dtype = next(model.parameters()).dtype
@@ -108,7 +114,7 @@ class EncoderGraphRunner:
             self.pixels = torch.zeros(self.max_bs, *self.image_shape, dtype=self.dtype, device=self.device)
         self.backend = make_backend(cfg.mode, self.device, dict(cfg.inductor_options))
         self.replays: dict[Bucket, Replay] = {}
-        self._stats = RunnerStats(mode=cfg.mode)
+        self.step_fn = self._step_fn()
         self.gen = torch.Generator().manual_seed(1234)
 
     # -- runner protocol ------------------------------------------------------------------------------
@@ -117,7 +123,7 @@ class EncoderGraphRunner:
             return None
         return (next(b for b in self.batch_sizes if b >= batch_size), next(s for s in self.seq_lens if s >= seq_len))
 
-    def can_run(self, batch_size: int, seq_len: int) -> str | None:
+    def can_run(self, batch_size: int, seq_len: int) -> str | None:  # type: ignore[override]
         """None if the batch can replay a graph, else the reason it runs eagerly."""
         if batch_size > self.max_bs:
             return "batch_too_large"
@@ -130,14 +136,11 @@ class EncoderGraphRunner:
             return report.reason
         return None
 
-    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Embeddings [B, H] of a batch `can_run` accepted: (input_ids, attention_mask) or (pixel_values,)."""
         self._stats.replays += 1
         with encoder_replay_context(self.cfg.parallel):
             return self._replay(inputs).clone()
-
-    def count_reject(self, reason: str) -> None:
-        self._stats.reject(reason)
 
     def stats(self) -> dict:
         out = self._stats.as_dict()
@@ -189,9 +192,6 @@ class EncoderGraphRunner:
         bucket = bucket or self.bucket_for(n, seq)
         return self.replays[bucket](self._fill(inputs, bucket))[:n]
 
-    def _eager(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return self.model.embed(*inputs)
-
     def random_inputs(self, batch: int, seq: int, full: bool) -> tuple[torch.Tensor, ...]:
         """A random batch for verification/timing: `full` gives every row `seq` tokens; otherwise lengths are
         random in [1, seq] and the batch is cut to its longest row, as the tokenizer pads it."""
@@ -208,69 +208,30 @@ class EncoderGraphRunner:
         ids = ids * mask
         return ids.to(self.device), mask.to(self.device)
 
-    # -- capture --------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def capture(self) -> None:
-        t0 = time.perf_counter()
-        rss0 = rss_bytes()
-        step = self._step_fn()
-        order = sorted(self.buckets, key=lambda k: (k[0] * k[1], k), reverse=True)  # largest first (CUDA pool)
-        with encoder_capture_context(self.cfg.parallel):
-            bar = tqdm(order, desc=f"capture encoder ({self.cfg.mode})", unit="bucket", disable=None, leave=False)
-            for bucket in bar:
-                bar.set_postfix(bucket=bucket_label(bucket))
-                report = self._stats.buckets[bucket] = BucketReport(bucket)  # type: ignore[arg-type]
-                args = self._fill(self.random_inputs(*bucket, full=True), bucket)
-                try:
-                    self.replays[bucket] = self.backend.capture(step, args, f"encoder {bucket_label(bucket)}")
-                except Exception as e:  # a backend that cannot capture this bucket falls back, with the reason kept
-                    if self.cfg.verify == "strict":
-                        raise
-                    report.status, report.reason = "rejected", "capture_failed"
-                    log.warning("encoder bucket %s: capture failed (%s: %s); it runs eagerly",
-                                bucket_label(bucket), type(e).__name__, e)
-                else:
-                    self._verify_and_select(bucket, report)
-                agree_across_ranks(report)
-        self._stats.capture_seconds = time.perf_counter() - t0
-        self._stats.graph_memory_bytes = self.backend.memory_bytes() or max(0, rss_bytes() - rss0)
-        self._log_summary()
+    # -- capture hooks (BucketedGraphRunner) ----------------------------------------------------------
+    def _probes(self) -> EncoderProbes:  # type: ignore[override]
+        return EncoderProbes(self)
 
-    def _verify_and_select(self, bucket: Bucket, report: BucketReport) -> None:
+    def _eager(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:  # type: ignore[override]
+        return self.model.embed(*inputs)
+
+    def _capture_context(self):
+        return encoder_capture_context(self.cfg.parallel)
+
+    def _capture_order(self) -> list[Bucket]:
+        return sorted(self.buckets, key=lambda k: (k[0] * k[1], k), reverse=True)  # largest first (CUDA pool)
+
+    def _label(self, bucket: Bucket) -> str:
+        return bucket_label(bucket)
+
+    def _capture_bucket(self, bucket: Bucket, probes: EncoderProbes) -> None:  # type: ignore[override]
+        args = self._fill(probes.batch(*bucket, full=True), bucket)
+        self.replays[bucket] = self.backend.capture(self.step_fn, args, f"encoder {bucket_label(bucket)}")
+
+    def _verify_batches(self, bucket: Bucket, probes: EncoderProbes) -> list:  # type: ignore[override]
+        """A full bucket, and one row short with random lengths (padding inside the bucket and dummy rows)."""
         bs, seq = bucket
-        worst = 0.0
-        if self.cfg.verify != "off":
-            for trial in range(VERIFY_TRIALS):
-                live = bs if trial == 0 else max(1, bs - 1)
-                inputs = self.random_inputs(live, seq, full=trial == 0)
-                diff, ok = compare(self._replay(inputs, bucket), self._eager(inputs), self.cfg.atol, self.cfg.rtol)
-                worst = max(worst, diff)
-                if not ok:
-                    report.status, report.reason, report.max_abs_diff = "rejected", "bucket_rejected", diff
-                    msg = f"encoder bucket {bucket_label(bucket)}: graph differs from eager (max |diff| {diff:.3g})"
-                    if self.cfg.verify == "strict":
-                        raise RuntimeError(msg)
-                    log.warning("%s; the bucket runs eagerly", msg)
-                    return
-        report.max_abs_diff = worst
-        if self.cfg.select == "auto":
-            inputs = self.random_inputs(bs, seq, full=True)
-            report.graph_ms, report.eager_ms = interleaved_medians(
-                lambda: self._replay(inputs, bucket), lambda: self._eager(inputs), TIMING_ITERS
-            )
-            if report.graph_ms >= report.eager_ms:
-                report.status, report.reason = "eager", "bucket_slower_than_eager"
-                return
-        report.status = "graph"
+        return [probes.batch(bs, seq, full=True), probes.batch(max(1, bs - 1), seq, full=False)]
 
-    def _log_summary(self) -> None:
-        s = self._stats
-        by_status: dict[str, list[str]] = {}
-        for bucket, rep in sorted(s.buckets.items()):
-            by_status.setdefault(rep.status, []).append(bucket_label(bucket))
-        parts = ", ".join(f"{k}={v}" for k, v in sorted(by_status.items()))
-        log.info(
-            "encoder graphs (%s, %s): %d buckets [%s] in %.1f s, memory +%.1f MiB",
-            self.cfg.mode, self.cfg.parallel, len(s.buckets), parts, s.capture_seconds,
-            s.graph_memory_bytes / 2**20,
-        )
+    def _timing_batch(self, bucket: Bucket, probes: EncoderProbes):  # type: ignore[override]
+        return probes.batch(*bucket, full=True)

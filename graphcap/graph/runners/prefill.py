@@ -36,7 +36,8 @@ class PrefillGraphRunner(BucketedGraphRunner):
                 f"{type(model).__name__} declares no segmented body (segmented_body()); prefill graphs need "
                 "the model to say where its layer stack and attention breaks are"
             )
-        super().__init__(model_runner, cfg.mode, cfg.buckets(max_prefill_tokens), cfg.verify, cfg.select,
+        self.mr = model_runner
+        super().__init__(model_runner.device, cfg.mode, cfg.buckets(max_prefill_tokens), cfg.verify, cfg.select,
                          cfg.atol, cfg.rtol)
         self.cfg = cfg
         self.max_tokens = self.buckets[-1]
