@@ -43,10 +43,14 @@ class WorkerGroup:
             self.procs.append(proc)
 
     def broadcast(self, message: tuple) -> None:
+        self.scatter([message] * self.world_size)
+
+    def scatter(self, messages: list[tuple]) -> None:
+        """Message i to rank i (data-parallel work: each rank its own share)."""
         if not self.conns:
             raise RankFailure("the tensor-parallel ranks were stopped (after a failure or shutdown); "
                               "create a new engine")
-        for rank, conn in enumerate(self.conns):
+        for rank, (conn, message) in enumerate(zip(self.conns, messages)):
             try:
                 conn.send(message)
             except (BrokenPipeError, OSError):

@@ -3,8 +3,9 @@
 `LLM(model=<encoder>, tp_size=N)` in a process without a TP group starts N ranks with the decoder's launcher
 (`WorkerGroup`, the same start-up and failure reporting as `TPExecutor`). Each rank joins the group and builds
 an ordinary `Embedder`, which then finds the group installed: "tp" shards the encoder and captures inside the
-group's communicator capture, "dp" runs the whole encoder. Every rank embeds the same inputs (a sharded
-forward needs every rank) and rank 0's vectors come back.
+group's communicator capture, "dp" runs the whole encoder. Sharded, every rank embeds the same inputs (a
+sharded forward needs every rank) and rank 0's vectors come back; data-parallel, each rank embeds its own
+contiguous share and the shares come back in order.
 
 Inputs are checked here, before any rank sees them: a rank that raises ends the whole group (that is how a
 failure stays bounded in time), so a caller's mistake must never get that far.
@@ -68,21 +69,34 @@ class TPEmbedder:
         self.group = WorkerGroup(cfg.tp_size, _worker_main, (cfg, config_digest(cfg)))
         ready = self.group.gather(STARTUP_TIMEOUT_S)
         self.inputs = ready[0]["inputs"]
+        self.data_parallel = cfg.encoder_graph().parallel == "dp"
         self.load_seconds = max(r["load_seconds"] for r in ready)
 
     def embed(self, texts=None, images=None) -> list[list[float]]:
+        """Sharded ("tp"): every rank embeds all inputs and rank 0's vectors come back. Data-parallel ("dp"):
+        each rank embeds a contiguous share of the inputs and the shares come back in order."""
         texts, pixels = check_inputs(self.inputs, texts, images)
         if pixels is not None:  # sending a tensor moves its storage into shared memory, in place: not the caller's
             pixels = pixels.clone()
-        self.group.broadcast(("embed", texts, pixels))
-        return self.group.gather(EMBED_TIMEOUT_S)[0]
+        if not self.data_parallel:
+            self.group.broadcast(("embed", texts, pixels))
+            return self.group.gather(EMBED_TIMEOUT_S)[0]
+        items = texts if texts is not None else pixels
+        base, extra = divmod(len(items), self.world_size)
+        bounds = [0]
+        for rank in range(self.world_size):  # the first `extra` ranks take one more: few inputs go to rank 0
+            bounds.append(bounds[-1] + base + (rank < extra))
+        shares = [items[bounds[r]:bounds[r + 1]] for r in range(self.world_size)]
+        self.group.scatter([("embed", s, None) if texts is not None else ("embed", None, s) for s in shares])
+        return [v for share in self.group.gather(EMBED_TIMEOUT_S) for v in share]
 
     def stats(self) -> dict:
         """Rank 0's encoder stats, and every rank's collectives by communicator under "tp"."""
         self.group.broadcast(("stats",))
         per_rank = self.group.gather(STEP_TIMEOUT_S)
         out = {k: v for k, v in per_rank[0].items() if k != "communicators"}
-        out["tp"] = {"world_size": self.world_size, "communicators": [r["communicators"] for r in per_rank]}
+        out["tp"] = {"world_size": self.world_size, "communicators": [r["communicators"] for r in per_rank],
+                     "inputs": [r["encoder"]["inputs"] for r in per_rank]}
         return out
 
     def shutdown(self) -> None:
@@ -95,13 +109,16 @@ def _worker_main(rank: int, world_size: int, port: int, conn, cfg: EngineConfig,
 
 
 def _start_encoder(cfg: EngineConfig, coordinator: "GroupCoordinator") -> tuple[dict, dict[str, Callable[..., Any]]]:
-    """Build (and capture) this rank's encoder; only rank 0 sends vectors back, the others' are the same."""
+    """Build (and capture) this rank's encoder. Sharded, only rank 0 sends vectors back (the others' are the
+    same); data-parallel, every rank sends the vectors of its own share, which may be empty."""
     embedder = Embedder(cfg)
-    leader = coordinator.rank_in_group == 0
+    replies = coordinator.rank_in_group == 0 or embedder.parallel == "dp"
 
     def embed(texts: list[str] | None, pixels: torch.Tensor | None) -> list[list[float]] | None:
+        if not len(texts if texts is not None else pixels):
+            return []
         vectors = embedder.embed(texts=texts, images=pixels)
-        return vectors if leader else None
+        return vectors if replies else None
 
     def stats() -> dict:
         out = embedder.stats()

@@ -99,12 +99,15 @@ def test_minilm_tp2_graphs_equal_tp1_and_collectives_take_the_capture_path(want:
 
 @needs_minilm
 def test_minilm_dp2_graphs_equal_tp1_without_collectives(want: torch.Tensor) -> None:
-    """Data-parallel: each rank captures and runs the whole encoder outside the group's capture."""
+    """Data-parallel: each rank captures and runs the whole encoder outside the group's capture, on its own
+    share of the inputs (an input list shorter than the ranks leaves a rank idle)."""
     with LLM("minilm", tp_size=2, graph_encoder="full", encoder_sizes=[4], encoder_seq_lens=[16],
              graph_select="always", encoder_parallel="dp") as dp:
         assert_same_vectors(torch.tensor(dp.embed(TEXTS)), want)
+        assert_same_vectors(torch.tensor(dp.embed(TEXTS[:1])), want[:1])
         stats = dp.stats()
-    assert stats["encoder"]["parallel"] == "dp" and stats["encoder"]["graph_batches"] == 2
+    assert stats["encoder"]["parallel"] == "dp" and stats["encoder"]["graph_batches"] == 2  # rank 0: 4 + 1 texts
+    assert stats["tp"]["inputs"] == [len(TEXTS) // 2 + 1, len(TEXTS) - len(TEXTS) // 2]
     assert all(rank["shm"] == rank["torch_dist"] == 0 for rank in stats["tp"]["communicators"])
 
 
