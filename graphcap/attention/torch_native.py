@@ -109,8 +109,9 @@ def prefix_free_attention(
         )
         return out.transpose(1, 2).reshape(-1, num_heads * head_dim)
 
-    if batch == 1 and max_q == num_tokens:
-        return attend(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+    if batch * max_q == num_tokens:  # equal lengths, no padding: the token rows already are the padded layout
+        return attend(q.view(batch, max_q, num_heads, head_dim), k.view(batch, max_q, num_kv_heads, head_dim),
+                      v.view(batch, max_q, num_kv_heads, head_dim))
     if len(extend_lens) == batch and batch * max_q * max_q > RAGGED_WASTE * sum(n * n for n in extend_lens):
         out = q.new_zeros(num_tokens, num_heads * head_dim)
         start = 0

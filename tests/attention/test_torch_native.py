@@ -6,6 +6,7 @@ one call per request), so the reference is written independently of all of them.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -99,6 +100,14 @@ def test_ragged_path_is_taken_for_uneven_lengths_and_leaves_padding_rows_zero() 
     out = prefix_free_attention(qp, kp, vp, meta.q_index, out_index, SCALE, extend_lens=meta.extend_lens)
     torch.testing.assert_close(out[:19], ref, atol=1e-5, rtol=1e-5)
     assert torch.count_nonzero(out[19:]) == 0
+
+
+@pytest.mark.parametrize("extends", [[8, 8, 8], [5], [3, 3]])
+def test_equal_lengths_attend_on_views_of_the_token_rows(extends) -> None:
+    q, k, v, k_cache, v_cache, tables, meta = _batch(2, [0] * len(extends), extends)
+    ref = _reference(q, k_cache, v_cache, tables, [0] * len(extends), extends)
+    out = prefix_free_attention(q, k, v, meta.q_index, meta.out_index, SCALE, extend_lens=meta.extend_lens)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_single_request_filling_every_row_matches_reference() -> None:
