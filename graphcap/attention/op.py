@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from graphcap.attention.torch_native import write_and_attend
+from graphcap.attention.torch_native import kv_indices_from_block_table, write_and_attend, write_kv
+from graphcap.ops import cpu_kernels
 
 _KV_CACHES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_DECODE_KERNEL_KEYS: set[int] = set()  # caches whose engine decodes with graphcap's C++ kernel
 _next_key = 0
 
 
@@ -24,6 +26,12 @@ def register_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
 
 def unregister_kv_cache(key: int) -> None:
     _KV_CACHES.pop(key, None)
+    _DECODE_KERNEL_KEYS.discard(key)
+
+
+def use_decode_kernel(key: int) -> None:
+    """Decode steps through the op on this cache use the C++ kernel (the engine built it and chose it)."""
+    _DECODE_KERNEL_KEYS.add(key)
 
 
 @torch.library.custom_op("graphcap::attention", mutates_args=())
@@ -41,6 +49,10 @@ def attention_op(
     scale: float,
 ) -> torch.Tensor:
     k_cache, v_cache = _KV_CACHES[cache_key]
+    if cache_key in _DECODE_KERNEL_KEYS and q_index.shape[1] == 1 and q_index.shape[0] == q.shape[0]:
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
+        kv_indices = kv_indices_from_block_table(block_table, page_size)
+        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, kv_indices, q_pos, scale)
     return write_and_attend(q, k, v, k_cache, v_cache, slot_mapping, block_table, q_index, q_pos, out_index,
                             page_size, scale)
 

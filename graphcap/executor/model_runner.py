@@ -10,6 +10,7 @@ from torch import nn
 
 from graphcap.attention.backend import TorchNativeAttnBackend
 from graphcap.attention.metadata import build_metadata
+from graphcap.attention.op import use_decode_kernel
 from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
 from graphcap.executor.kv_cache import KVCache, num_pages_for
 from graphcap.models.config import ModelConfig
@@ -51,6 +52,9 @@ class ModelRunner:
         )
         self.kv_cache.bind(model.attention_layers())
         self.attn_backend = TorchNativeAttnBackend(decode_kernel)
+        if decode_kernel:  # piecewise graphs reach attention through the opaque op, which looks this up
+            for key in self.kv_cache.keys:
+                use_decode_kernel(key)
         for layer in model.attention_layers():
             layer.attn_backend = self.attn_backend
         self.graph_runners: dict[ForwardMode, GraphRunner] = {}

@@ -76,3 +76,13 @@ def test_a_failed_build_leaves_torch_ops_in_charge(tmp_path, monkeypatch) -> Non
     monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
     monkeypatch.setattr(cpu_kernels, "default_cache_dir", lambda: tmp_path)
     assert cpu_kernels._build().startswith("unavailable:")
+
+
+def test_the_opaque_op_decodes_with_the_kernel_only_for_engines_that_chose_it() -> None:
+    """Piecewise graphs reach attention through `graphcap::attention`; it follows the engine's choice per cache."""
+    from graphcap.attention import op
+
+    with LLM("tiny", kv_cache_tokens=256) as on, LLM("tiny", kv_cache_tokens=256, cpu_kernels=False) as off:
+        on_keys, off_keys = set(on.runner.kv_cache.keys), set(off.runner.kv_cache.keys)
+        assert on_keys <= op._DECODE_KERNEL_KEYS and not off_keys & op._DECODE_KERNEL_KEYS
+    assert not on_keys & op._DECODE_KERNEL_KEYS  # released with the engine
