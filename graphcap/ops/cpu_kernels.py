@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
+import sys
 import threading
 from pathlib import Path
 
@@ -40,8 +41,11 @@ def _build() -> str:
     from torch.utils.cpp_extension import load
 
     try:
+        build_dir = _build_dir()
+        if not (build_dir / "graphcap_cpu_kernels.so").exists():  # a pause of seconds deserves a word
+            print("graphcap: building the C++ CPU kernels (once per machine, about 10 s)", file=sys.stderr)
         load(name="graphcap_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-             build_directory=str(_build_dir()), is_python_module=False, verbose=False)
+             build_directory=str(build_dir), is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, no source, read-only cache: torch ops serve instead
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         log.warning("graphcap CPU kernels unavailable (%s); using torch ops instead", reason)
