@@ -1,0 +1,65 @@
+"""Prefill runner mechanics on the eager backend (no compiling): the break-even size below which a bucket's
+graph is not used, because the graph pays for the whole bucket and eager only for the real tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from graphcap import LLM
+from graphcap.graph.config import PrefillGraphConfig
+from graphcap.graph.probe import ProbeBatches
+from graphcap.graph.runners import base as runner_base
+from graphcap.graph.runners import prefill as prefill_runner
+from graphcap.graph.runners.prefill import PrefillGraphRunner
+
+
+@pytest.fixture(scope="module")
+def llm(llama_ckpt):
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=2048) as engine:
+        yield engine
+
+
+def _timed(monkeypatch, full: tuple[float, float], low: tuple[float, float]) -> None:
+    """Fixed (graph, eager) milliseconds: `full` on the full bucket, `low` on its most padded batch."""
+    monkeypatch.setattr(runner_base, "interleaved_timings",
+                        lambda fa, fb, iters: ([full[0]] * iters, [full[1]] * iters))
+    monkeypatch.setattr(prefill_runner, "interleaved_medians", lambda fa, fb, iters: low)
+
+
+def test_batches_below_the_break_even_size_run_eagerly(llm, monkeypatch) -> None:
+    # Full (64 tokens): graph 3 ms, eager 4 ms. Most padded (32 tokens): graph 3 ms, eager 2 ms. The lines
+    # cross halfway: from 48 tokens on, the graph pays off.
+    _timed(monkeypatch, full=(3.0, 4.0), low=(3.0, 2.0))
+    runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(64,), select="auto"), 64)
+    runner.capture()
+    assert runner.stats()["min_tokens"] == {64: 48}
+    probes = ProbeBatches(llm.runner, seed=3)
+    try:
+        assert runner.can_run(probes.prefill([20, 20], [0, 0])) == "padding_slower_than_eager"
+        assert runner.can_run(probes.prefill([30, 20], [0, 0])) is None
+        assert runner.can_run(probes.prefill([30], [0])) == "too_much_padding"  # 64 > 2 x 30 comes first
+    finally:
+        probes.release()
+
+
+def test_a_graph_that_wins_even_when_padded_serves_the_whole_bucket(llm, monkeypatch) -> None:
+    _timed(monkeypatch, full=(3.0, 4.0), low=(2.5, 2.6))
+    runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(32, 64), select="auto"), 64)
+    runner.capture()
+    assert runner.stats()["min_tokens"] == {}
+    probes = ProbeBatches(llm.runner, seed=5)
+    try:
+        assert runner.can_run(probes.prefill([33], [0])) is None  # the fewest tokens the 64 bucket takes
+    finally:
+        probes.release()
+
+
+def test_graph_select_always_serves_every_size(llm) -> None:
+    runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(64,), select="always"), 64)
+    runner.capture()
+    assert runner.stats()["min_tokens"] == {}
+    probes = ProbeBatches(llm.runner, seed=4)
+    try:
+        assert runner.can_run(probes.prefill([20, 20], [0, 0])) is None
+    finally:
+        probes.release()
