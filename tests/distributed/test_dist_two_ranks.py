@@ -174,3 +174,22 @@ def test_failing_rank_makes_peer_raise_not_hang(spawn_ranks_raw, path: str) -> N
     else:
         assert "on purpose" not in rank0.error, "rank 0 must fail in its own collective"
     assert time.monotonic() - started < 60
+
+
+def _agree_prefill_thresholds(rank: int, world_size: int) -> dict:
+    from types import SimpleNamespace
+
+    from graphcap.distributed.coordinator import destroy_distributed, init_distributed
+    from graphcap.graph.runners.prefill import PrefillGraphRunner
+
+    init_distributed(timeout_s=20, shm_max_bytes=SHM_MAX_BYTES)
+    runner = SimpleNamespace(min_tokens={64: 40 + rank, 128: 90 - rank} if rank else {64: 40})
+    PrefillGraphRunner._agree_min_tokens(runner)
+    destroy_distributed()
+    return runner.min_tokens
+
+
+def test_prefill_break_even_sizes_agree_across_ranks(spawn_ranks) -> None:
+    """A batch between two ranks' thresholds would replay on one and run eagerly on the other (a deadlock in
+    the collectives): the highest threshold wins everywhere, and a bucket any rank limits is limited on all."""
+    assert spawn_ranks(_agree_prefill_thresholds, 2) == [{64: 41, 128: 89}] * 2
