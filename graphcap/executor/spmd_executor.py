@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from graphcap.config import EngineConfig
 from graphcap.distributed.coordinator import destroy_distributed, init_distributed
+from graphcap.distributed.launcher import RankFailure
 from graphcap.errors import UserError
 from graphcap.executor.forward_batch import ForwardMode
 from graphcap.executor.loader import ModelSource
@@ -68,7 +69,14 @@ class SPMDExecutor:
         """Raise on every rank when the ranks were given different requests: they would otherwise schedule
         different batches and block in each other's collectives."""
         digest = hashlib.sha256(pickle.dumps(requests)).hexdigest()
-        if not _same_on_all_ranks(self.coordinator, digest):
+        try:
+            same = _same_on_all_ranks(self.coordinator, digest)
+        except RuntimeError as e:  # the collective timed out or a peer left
+            raise RankFailure(
+                f"rank {self.rank}: the other launched ranks did not join generate() within {COLLECTIVE_TIMEOUT_S:.0f} s "
+                f"({type(e).__name__}); under torchrun every rank must call generate() with the same requests"
+            ) from None
+        if not same:
             raise UserError("launched ranks called generate() with different prompts or sampling parameters; "
                             "every rank must pass the same requests")
 

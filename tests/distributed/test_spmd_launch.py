@@ -100,3 +100,21 @@ def test_torchrun_cli_generate_prints_once_and_matches_tp1() -> None:
     lines = [line for line in launched.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # rank 1 computed the same result and left printing to rank 0
     assert json.loads(lines[0])["token_ids"] == json.loads(single.stdout)["token_ids"]
+
+
+def _only_rank0_generates(rank: int, world: int) -> None:
+    import time
+
+    from graphcap.executor import spmd_executor
+
+    spmd_executor.COLLECTIVE_TIMEOUT_S = 5.0  # the bound every collective of the launch gets
+    with LLM("tiny", tp_size=world, kv_cache_tokens=512) as llm:
+        if rank == 0:
+            llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=GREEDY)
+        else:
+            time.sleep(15)  # a script that forgot that every rank must call generate()
+
+
+def test_a_rank_that_never_calls_generate_ends_the_others_with_a_clear_error(spawn_ranks_raw) -> None:
+    results = spawn_ranks_raw(_only_rank0_generates, 2, timeout_s=90)
+    assert results[0].error_type == "RankFailure" and "every rank must call generate()" in results[0].error
