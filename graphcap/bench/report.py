@@ -127,7 +127,9 @@ def _startup_lines(compile_info: dict) -> list[str]:
 
 def render(result: dict) -> str:
     """The whole report as printed on stdout: header, one table per phase, startup/memory, notes."""
-    head = (f"graphcap bench: model {result['model']} on {result['device']}, torch {result['torch']}; "
+    kernel = result["engine"].get("decode_attention_kernel", "torch")
+    head = (f"graphcap bench: model {result['model']} on {result['device']}, torch {result['torch']}, "
+            f"decode attention: {kernel}; "
             f"load average {result['load_average']['start']} -> {result['load_average']['end']}")
     parts = [head, format_tables(result["results"]),
              "Startup and memory\n" + "\n".join(_startup_lines(result["compile"]))

@@ -116,6 +116,7 @@ def run_bench(opts: BenchOptions) -> dict:
         engines.update(decode_engines)
         engines.update({f"prefill:{m}": e for m, e in prefill_engines.items()})
         eager = engines["eager"].llm
+        attention_kernel = eager.stats().get("decode_attention_kernel", "torch")
         stage(f"decode steps: batch sizes {opts.batch_sizes}, {opts.iters} interleaved iterations")
         if kw.get("tp_size", 1) > 1:
             results += tp_decode_rows(eager, {m: e.llm for m, e in decode_engines.items()}, opts.batch_sizes,
@@ -145,7 +146,8 @@ def run_bench(opts: BenchOptions) -> dict:
         "device": _device_info(kw),
         "torch": torch.__version__,
         "model": opts.model,
-        "engine": {k: v for k, v in kw.items() if k not in ("graph_decode", "graph_prefill")},
+        "engine": {**{k: v for k, v in kw.items() if k not in ("graph_decode", "graph_prefill")},
+                   "decode_attention_kernel": attention_kernel},
         "startup_seconds": {name: info["startup_seconds"] for name, info in compile_info.items()},
         "results": results,
         "compile": compile_info,
