@@ -109,7 +109,9 @@ def prefix_free_attention(
         )
         return out.transpose(1, 2).reshape(-1, num_heads * head_dim)
 
-    if batch * max_q == num_tokens:  # equal lengths, no padding: the token rows already are the padded layout
+    if batch * max_q == num_tokens and len(extend_lens) == batch and min(extend_lens) == max_q:
+        # Equal lengths and no bucket padding: the token rows already are the padded [B, Lq] layout. (The
+        # row count alone cannot tell: lengths 3 and 8 in a 16-row bucket also give 2 x 8 rows.)
         return attend(q.view(batch, max_q, num_heads, head_dim), k.view(batch, max_q, num_kv_heads, head_dim),
                       v.view(batch, max_q, num_kv_heads, head_dim))
     if len(extend_lens) == batch and batch * max_q * max_q > RAGGED_WASTE * sum(n * n for n in extend_lens):

@@ -110,6 +110,18 @@ def test_equal_lengths_attend_on_views_of_the_token_rows(extends) -> None:
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_uneven_requests_whose_padded_rows_happen_to_fill_a_rectangle_are_not_taken_for_equal() -> None:
+    """Lengths 3 and 8 padded to a 16-row bucket: 2 x 8 rows, as if two requests of 8."""
+    extends = [3, 8]
+    q, k, v, k_cache, v_cache, tables, meta = _batch(4, [0, 0], extends)
+    ref = _reference(q, k_cache, v_cache, tables, [0, 0], extends)
+    pad = 5
+    qp, kp, vp = (torch.cat([t, torch.zeros(pad, *t.shape[1:])]) for t in (q, k, v))
+    out_index = torch.cat([meta.out_index, torch.zeros(pad, dtype=torch.int64)])
+    out = prefix_free_attention(qp, kp, vp, meta.q_index, out_index, SCALE, extend_lens=meta.extend_lens)
+    torch.testing.assert_close(out[:11], ref, atol=1e-5, rtol=1e-5)
+
+
 def test_single_request_filling_every_row_matches_reference() -> None:
     q, k, v, k_cache, v_cache, tables, meta = _batch(1, [0], [12])
     out = prefix_free_attention(q, k, v, meta.q_index, meta.out_index, SCALE)
