@@ -14,6 +14,7 @@ class BucketReport:
     graph_ms: float | None = None
     eager_ms: float | None = None
     max_abs_diff: float | None = None
+    min_size: int = 0  # live sizes below this run eagerly: padded that far, the graph loses to eager
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "size"}

@@ -176,20 +176,23 @@ def test_failing_rank_makes_peer_raise_not_hang(spawn_ranks_raw, path: str) -> N
     assert time.monotonic() - started < 60
 
 
-def _agree_prefill_thresholds(rank: int, world_size: int) -> dict:
-    from types import SimpleNamespace
-
+def _agree_bucket_verdicts(rank: int, world_size: int) -> list:
     from graphcap.distributed.coordinator import destroy_distributed, init_distributed
-    from graphcap.graph.runners.prefill import PrefillGraphRunner
+    from graphcap.graph.runners.base import agree_across_ranks
+    from graphcap.graph.stats import BucketReport
 
     init_distributed(timeout_s=20, shm_max_bytes=SHM_MAX_BYTES)
-    runner = SimpleNamespace(min_tokens={64: 40 + rank, 128: 90 - rank} if rank else {64: 40})
-    PrefillGraphRunner._agree_min_tokens(runner)
+    reports = [BucketReport(64, status="graph", min_size=40 + rank),
+               BucketReport(128, status="graph" if rank else "eager", reason=None if rank else "bucket_slower_than_eager",
+                            min_size=90 - rank)]
+    for report in reports:
+        agree_across_ranks(report)
     destroy_distributed()
-    return runner.min_tokens
+    return [(r.status, r.reason, r.min_size) for r in reports]
 
 
-def test_prefill_break_even_sizes_agree_across_ranks(spawn_ranks) -> None:
-    """A batch between two ranks' thresholds would replay on one and run eagerly on the other (a deadlock in
-    the collectives): the highest threshold wins everywhere, and a bucket any rank limits is limited on all."""
-    assert spawn_ranks(_agree_prefill_thresholds, 2) == [{64: 41, 128: 89}] * 2
+def test_bucket_verdicts_and_break_even_sizes_agree_across_ranks(spawn_ranks) -> None:
+    """A batch that one rank replays and another runs eagerly would deadlock the collectives: the most
+    conservative verdict and the highest break-even size win on every rank."""
+    want = [("graph", None, 41), ("eager", "bucket_slower_than_eager", 90)]
+    assert spawn_ranks(_agree_bucket_verdicts, 2) == [want, want]

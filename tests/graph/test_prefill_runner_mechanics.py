@@ -32,7 +32,7 @@ def test_batches_below_the_break_even_size_run_eagerly(llm, monkeypatch) -> None
     _timed(monkeypatch, full=(3.0, 4.0), low=(3.0, 2.0))
     runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(64,), select="auto"), 64)
     runner.capture()
-    assert runner.stats()["min_tokens"] == {64: 48}
+    assert runner.stats()["buckets"][64]["min_size"] == 48
     probes = ProbeBatches(llm.runner, seed=3)
     try:
         assert runner.can_run(probes.prefill([20, 20], [0, 0])) == "padding_slower_than_eager"
@@ -46,7 +46,7 @@ def test_a_graph_that_wins_even_when_padded_serves_the_whole_bucket(llm, monkeyp
     _timed(monkeypatch, full=(3.0, 4.0), low=(2.5, 2.6))
     runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(32, 64), select="auto"), 64)
     runner.capture()
-    assert runner.stats()["min_tokens"] == {}
+    assert all(b["min_size"] == 0 for b in runner.stats()["buckets"].values())
     probes = ProbeBatches(llm.runner, seed=5)
     try:
         assert runner.can_run(probes.prefill([33], [0])) is None  # the fewest tokens the 64 bucket takes
@@ -57,7 +57,7 @@ def test_a_graph_that_wins_even_when_padded_serves_the_whole_bucket(llm, monkeyp
 def test_graph_select_always_serves_every_size(llm) -> None:
     runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(64,), select="always"), 64)
     runner.capture()
-    assert runner.stats()["min_tokens"] == {}
+    assert all(b["min_size"] == 0 for b in runner.stats()["buckets"].values())
     probes = ProbeBatches(llm.runner, seed=4)
     try:
         assert runner.can_run(probes.prefill([20, 20], [0, 0])) is None

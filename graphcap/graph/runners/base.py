@@ -21,17 +21,19 @@ log = logging.getLogger("graphcap")
 
 
 def agree_across_ranks(report: BucketReport) -> None:
-    """Under TP every rank must serve the same buckets from graphs: a graph replay and an eager step
+    """Under TP every rank must serve the same batches from graphs: a graph replay and an eager step
     take different collective paths, so ranks that chose differently would wait on each other forever.
-    The most conservative verdict wins (rejected over eager over graph). Without a process group (one
-    rank, or a stand-in group of threads) there is nobody to agree with."""
+    The most conservative verdict wins (rejected over eager over graph, the highest break-even size).
+    Without a process group (one rank, or a stand-in group of threads) there is nobody to agree with."""
     group = get_tp_group()
     if group is None or group.world_size == 1 or not torch.distributed.is_initialized():
         return
     verdicts: list = [None] * group.world_size
-    torch.distributed.all_gather_object(verdicts, (report.status, report.reason), group=group.cpu_group)
+    torch.distributed.all_gather_object(verdicts, (report.status, report.reason, report.min_size),
+                                        group=group.cpu_group)
     rank = {"rejected": 0, "eager": 1, "graph": 2}
-    report.status, report.reason = min(verdicts, key=lambda v: rank.get(v[0], 0))
+    report.status, report.reason, _ = min(verdicts, key=lambda v: rank.get(v[0], 0))
+    report.min_size = max(v[2] for v in verdicts)
 
 
 class BucketedGraphRunner:
@@ -102,9 +104,11 @@ class BucketedGraphRunner:
         return next(b for b in self.buckets if b >= size)
 
     def _bucket_reason(self, size: int) -> str | None:
-        """None when the bucket that holds `size` serves a graph, else why it does not."""
+        """None when the bucket that holds `size` serves a graph for it, else why it does not."""
         report = self._stats.buckets[self._bucket_for(size)]
-        return None if report.status == "graph" else report.reason
+        if report.status != "graph":
+            return report.reason
+        return "padding_slower_than_eager" if size < report.min_size else None
 
     @torch.inference_mode()
     def capture(self) -> None:

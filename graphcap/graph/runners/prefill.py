@@ -13,7 +13,7 @@ import math
 import torch
 
 from graphcap.attention.metadata import AttentionMetadata
-from graphcap.distributed.parallel_state import get_tp_group, graph_replay
+from graphcap.distributed.parallel_state import graph_replay
 from graphcap.errors import UserError
 from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
 from graphcap.graph.backends.base import Replay
@@ -66,9 +66,6 @@ class PrefillGraphRunner(BucketedGraphRunner):
         # least 2 x 2 (padding one request to two would double the eager attention's cost).
         self.eager_attention = getattr(self.backend, "runs_attention_eagerly", False)
         self.replays: dict[int, Replay] = {}
-        # Per bucket (graph_select="auto"): batches with fewer real tokens than this run faster eagerly;
-        # a bucket whose graph also wins on its most padded batch has no entry.
-        self.min_tokens: dict[int, int] = {}
         self.body_fn = self._body_fn()  # one function for every bucket, so a backend can share its trace
 
     def can_run(self, batch: ForwardBatch) -> str | None:
@@ -79,22 +76,9 @@ class PrefillGraphRunner(BucketedGraphRunner):
         tokens = batch.num_tokens
         if tokens > self.max_tokens:
             return "too_many_tokens"
-        bucket = self._bucket_for(tokens)
-        if bucket > self.cfg.max_padding_ratio * tokens:
+        if self._bucket_for(tokens) > self.cfg.max_padding_ratio * tokens:
             return "too_much_padding"
-        if tokens < self.min_tokens.get(bucket, 0):
-            return "padding_slower_than_eager"
         return self._bucket_reason(tokens)
-
-    def stats(self) -> dict:
-        out = super().stats()
-        out["min_tokens"] = dict(sorted(self.min_tokens.items()))
-        return out
-
-    @torch.inference_mode()
-    def capture(self) -> None:
-        super().capture()
-        self._agree_min_tokens()
 
     def _verify_and_select(self, bucket: int, report, probes: ProbeBatches) -> None:
         """Selection as for every runner, on a full bucket; then, for a kept bucket, the break-even size.
@@ -103,7 +87,7 @@ class PrefillGraphRunner(BucketedGraphRunner):
         so a bucket that wins full can lose on a batch that pads it a lot (8 mixed requests, 408 tokens in
         the 512 bucket, replayed at 0.85x of eager on `small`). Both sides are timed again on the most
         padded batch the bucket takes; if the graph loses there, both costs are taken as linear between the
-        two sizes and batches below the crossing run eagerly.
+        two sizes and batches below the crossing (the bucket's `min_size`) run eagerly.
         """
         super()._verify_and_select(bucket, report, probes)
         if report.status != "graph" or self.select_mode != "auto":
@@ -120,19 +104,10 @@ class PrefillGraphRunner(BucketedGraphRunner):
             return
         loss_low, gain_full = graph_low - eager_low, report.eager_ms - report.graph_ms
         if gain_full <= 0:  # kept on its fastest runs though slower on medians: no safe crossing
-            self.min_tokens[bucket] = bucket
+            report.min_size = bucket
             return
         crossing = loss_low / (loss_low + gain_full)
-        self.min_tokens[bucket] = math.ceil(low + crossing * (bucket - low))
-
-    def _agree_min_tokens(self) -> None:
-        """Under TP every rank must take the same path for a batch, so the highest threshold wins."""
-        group = get_tp_group()
-        if group is None or group.world_size == 1 or not torch.distributed.is_initialized():
-            return
-        per_rank: list = [None] * group.world_size
-        torch.distributed.all_gather_object(per_rank, self.min_tokens, group=group.cpu_group)
-        self.min_tokens = {b: max(r.get(b, 0) for r in per_rank) for b in set().union(*per_rank)}
+        report.min_size = math.ceil(low + crossing * (bucket - low))
 
     # -- shapes ---------------------------------------------------------------------------------------
     def _size_of(self, batch: ForwardBatch) -> int:
