@@ -33,16 +33,20 @@ def test_all_buckets_captured(cuda_llm) -> None:
     assert stats["decode"]["graph_memory_bytes"] > 0
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_decode_replay_matches_eager(cuda_llm, batch_size) -> None:
-    probes = ProbeBatches(cuda_llm.runner, seed=batch_size)
+def _assert_decode_replay_matches_eager(llm: LLM, batch_size: int, seed: int, max_context: int) -> None:
+    probes = ProbeBatches(llm.runner, seed=seed)
     try:
-        batch = probes.decode(batch_size, max_context=90)
-        out = cuda_llm.runner.forward(batch).clone()
-        ref = cuda_llm.runner.forward_eager(batch)
+        batch = probes.decode(batch_size, max_context=max_context)
+        out = llm.runner.forward(batch).clone()
+        ref = llm.runner.forward_eager(batch)
     finally:
         probes.release()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_decode_replay_matches_eager(cuda_llm, batch_size) -> None:
+    _assert_decode_replay_matches_eager(cuda_llm, batch_size, seed=batch_size, max_context=90)
 
 
 def test_breakable_prefill_across_buckets_matches_eager(cuda_llm) -> None:
@@ -72,12 +76,5 @@ def test_piecewise_decode_cuda_graph_per_piece_matches_eager(llama_ckpt) -> None
              graph_select="always", kv_cache_tokens=4096, use_cache=False) as llm:
         assert llm.stats()["decode"]["captured"] == [1, 4]
         for batch_size in (1, 3, 4):
-            probes = ProbeBatches(llm.runner, seed=40 + batch_size)
-            try:
-                batch = probes.decode(batch_size, max_context=70)
-                out = llm.runner.forward(batch).clone()
-                ref = llm.runner.forward_eager(batch)
-            finally:
-                probes.release()
-            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+            _assert_decode_replay_matches_eager(llm, batch_size, seed=40 + batch_size, max_context=70)
         assert llm.stats()["decode"]["replays"] == 3
