@@ -131,10 +131,10 @@ class BucketedGraphRunner:
                         log.warning("%s bucket %s: capture failed (%s: %s); it runs eagerly",
                                     self.phase, self._label(bucket), type(e).__name__, e)
                     else:
-                        probes.release()
+                        probes.release()  # the capture batch's pages go back before verification draws its own
                         self._verify_and_select(bucket, report, probes)
                     finally:
-                        probes.release()  # each bucket's probes go back: the cache only needs one bucket's worth
+                        probes.release()  # so the cache never holds more than one bucket's probes
                     agree_across_ranks(report)  # also after a failed capture, so no rank waits alone
         finally:
             probes.release()
