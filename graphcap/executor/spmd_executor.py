@@ -19,23 +19,19 @@ import torch
 import torch.distributed as dist
 
 from graphcap.config import EngineConfig
-from graphcap.distributed.coordinator import destroy_distributed, init_distributed
+from graphcap.distributed.coordinator import destroy_distributed
 from graphcap.distributed.launcher import RankFailure
 from graphcap.errors import UserError
 from graphcap.executor.forward_batch import ForwardMode
 from graphcap.executor.loader import ModelSource
 from graphcap.executor.setup import build_local_runner
-from graphcap.executor.tp_executor import COLLECTIVE_TIMEOUT_S, config_digest
+from graphcap.executor.tp_executor import COLLECTIVE_TIMEOUT_S, join_group
 
 
 def join_launched_group(cfg: EngineConfig):
-    """Join the world the launcher described and check every rank was configured alike."""
-    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
-    coordinator = init_distributed(backend=backend, timeout_s=COLLECTIVE_TIMEOUT_S)
-    if not _same_on_all_ranks(coordinator, config_digest(cfg)):
-        destroy_distributed()
-        raise UserError("tensor-parallel ranks were started with different configurations")
-    return coordinator
+    """Join the world the launcher described (its environment names the ranks) and check every rank was
+    configured alike."""
+    return join_group(cfg, COLLECTIVE_TIMEOUT_S)
 
 
 def _gather(coordinator, value: Any) -> list[Any]:
@@ -43,9 +39,6 @@ def _gather(coordinator, value: Any) -> list[Any]:
     dist.all_gather_object(values, value, group=coordinator.cpu_group)
     return values
 
-
-def _same_on_all_ranks(coordinator, value: str) -> bool:
-    return len(set(_gather(coordinator, value))) == 1
 
 
 class SPMDExecutor:

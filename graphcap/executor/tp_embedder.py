@@ -24,7 +24,7 @@ from graphcap.distributed.launcher import WorkerGroup
 from graphcap.distributed.parallel_state import get_tp_group
 from graphcap.engine.embedder import Embedder, check_inputs
 from graphcap.executor.spmd_executor import join_launched_group
-from graphcap.executor.tp_executor import STARTUP_TIMEOUT_S, STEP_TIMEOUT_S, config_digest, run_rank
+from graphcap.executor.tp_executor import STARTUP_TIMEOUT_S, STEP_TIMEOUT_S, run_rank
 
 if TYPE_CHECKING:
     from graphcap.distributed.coordinator import GroupCoordinator
@@ -66,7 +66,7 @@ class TPEmbedder:
 
     def __init__(self, cfg: EngineConfig) -> None:
         self.world_size = cfg.tp_size
-        self.group = WorkerGroup(cfg.tp_size, _worker_main, (cfg, config_digest(cfg)))
+        self.group = WorkerGroup(cfg.tp_size, _worker_main, (cfg,))
         ready = self.group.gather(STARTUP_TIMEOUT_S)
         self.inputs = ready[0]["inputs"]
         self.data_parallel = cfg.encoder_graph().parallel == "dp"
@@ -103,9 +103,9 @@ class TPEmbedder:
         self.group.stop()
 
 
-def _worker_main(rank: int, world_size: int, port: int, conn, cfg: EngineConfig, digest: str) -> None:
+def _worker_main(rank: int, world_size: int, port: int, conn, cfg: EngineConfig) -> None:
     """An encoder rank; module-level so the spawn start method can pickle it by name."""
-    run_rank(rank, world_size, port, conn, cfg, digest, _start_encoder)
+    run_rank(rank, world_size, port, conn, cfg, _start_encoder)
 
 
 def _start_encoder(cfg: EngineConfig, coordinator: "GroupCoordinator") -> tuple[dict, dict[str, Callable[..., Any]]]:

@@ -39,7 +39,7 @@ def config_digest(cfg: EngineConfig) -> str:
 class TPExecutor:
     def __init__(self, cfg: EngineConfig, num_pages: int) -> None:
         self.world_size = cfg.tp_size
-        self.group = WorkerGroup(cfg.tp_size, _worker_main, (cfg, config_digest(cfg)))
+        self.group = WorkerGroup(cfg.tp_size, _worker_main, (cfg,))
         ready = self.group.gather(STARTUP_TIMEOUT_S)
         pages = {r["num_pages"] for r in ready}
         if pages != {num_pages}:
@@ -67,33 +67,39 @@ class TPExecutor:
         self.group.stop()
 
 
-def join_tp_group(rank: int, world_size: int, port: int, cfg: EngineConfig, digest: str) -> "GroupCoordinator":
-    """Join the group a `WorkerGroup` started (gloo on CPU, NCCL on CUDA) and check that every rank was given
-    the same configuration: ranks that disagree would shard or capture differently and hang in a collective."""
-    from graphcap.distributed.coordinator import init_distributed
+def join_group(cfg: EngineConfig, timeout_s: float = COLLECTIVE_TIMEOUT_S, **init_args: Any) -> "GroupCoordinator":
+    """Join the TP group (gloo on CPU, NCCL on CUDA; `init_args` name the ranks and rendezvous, or are empty
+    under torchrun, whose environment says it all) and check that every rank was given the same
+    configuration: ranks that disagree would shard or capture differently and hang in a collective."""
+    from graphcap.distributed.coordinator import destroy_distributed, init_distributed
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share this host's cores
     backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
-    coordinator = init_distributed(world_size=world_size, rank=rank, backend=backend,
-                                   init_method=f"tcp://127.0.0.1:{port}", timeout_s=COLLECTIVE_TIMEOUT_S)
-    digests: list[str | None] = [None] * world_size
-    torch.distributed.all_gather_object(digests, digest)
+    coordinator = init_distributed(backend=backend, timeout_s=timeout_s, **init_args)
+    digests: list[str | None] = [None] * coordinator.world_size
+    torch.distributed.all_gather_object(digests, config_digest(cfg), group=coordinator.cpu_group)
     if len(set(digests)) != 1:
+        destroy_distributed()
         raise UserError("tensor-parallel ranks were started with different configurations")
     return coordinator
+
+
+def join_tp_group(rank: int, world_size: int, port: int, cfg: EngineConfig) -> "GroupCoordinator":
+    """Join the group a `WorkerGroup` started on this host."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share this host's cores
+    return join_group(cfg, world_size=world_size, rank=rank, init_method=f"tcp://127.0.0.1:{port}")
 
 
 RankStart = Callable[[EngineConfig, "GroupCoordinator"], tuple[dict, dict[str, Callable[..., Any]]]]
 
 
-def run_rank(rank: int, world_size: int, port: int, conn, cfg: EngineConfig, digest: str, start: RankStart) -> None:
+def run_rank(rank: int, world_size: int, port: int, conn, cfg: EngineConfig, start: RankStart) -> None:
     """The life of one spawned rank: join the group, build with `start` (which returns the "ready" report and
     the commands this rank serves by name), answer commands until "shutdown". Every failure reaches the API
     process as ("error", kind, text), so `WorkerGroup.gather` raises instead of waiting on a silent rank."""
     from graphcap.distributed.coordinator import destroy_distributed
 
     try:
-        coordinator = join_tp_group(rank, world_size, port, cfg, digest)
+        coordinator = join_tp_group(rank, world_size, port, cfg)
         ready, commands = start(cfg, coordinator)
         conn.send(("ready", ready))
         while True:
@@ -111,9 +117,9 @@ def run_rank(rank: int, world_size: int, port: int, conn, cfg: EngineConfig, dig
         conn.close()
 
 
-def _worker_main(rank: int, world_size: int, port: int, conn, cfg: EngineConfig, digest: str) -> None:
+def _worker_main(rank: int, world_size: int, port: int, conn, cfg: EngineConfig) -> None:
     """A decoder rank; module-level so the spawn start method can pickle it by name."""
-    run_rank(rank, world_size, port, conn, cfg, digest, _start_decoder)
+    run_rank(rank, world_size, port, conn, cfg, _start_decoder)
 
 
 def _start_decoder(cfg: EngineConfig, coordinator: "GroupCoordinator") -> tuple[dict, dict[str, Callable[..., Any]]]:

@@ -119,3 +119,12 @@ def _only_rank0_generates(rank: int, world: int) -> None:
 def test_a_rank_that_never_calls_generate_ends_the_others_with_a_clear_error(spawn_ranks_raw) -> None:
     results = spawn_ranks_raw(_only_rank0_generates, 2, timeout_s=90)
     assert results[0].error_type == "RankFailure" and "every rank must call generate()" in results[0].error
+
+
+def _configured_differently(rank: int, world: int) -> None:
+    LLM("tiny", tp_size=world, kv_cache_tokens=512 + 16 * rank)
+
+
+def test_ranks_configured_differently_are_refused_at_start(spawn_ranks_raw) -> None:
+    results = spawn_ranks_raw(_configured_differently, 2, timeout_s=60)
+    assert all(r.error_type == "UserError" and "different configurations" in r.error for r in results)
