@@ -20,6 +20,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every subcommand that builds an engine. Defaults are None so that only flags the
     user gave override `--graph-config`; the engine's own defaults apply otherwise."""
@@ -120,7 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(
         model=args.model, engine_kwargs=kwargs, graph_decode=(args.graph_decode or "full").split(","),
         graph_prefill=(args.graph_prefill or "breakable").split(","), batch_sizes=args.batch_sizes, iters=args.iters,
-        e2e_iters=args.e2e_iters, hf=not args.no_hf, hf_compile=args.hf_compile, allreduce=args.allreduce,
+        steps_per_turn=args.steps_per_turn, e2e_iters=args.e2e_iters, hf=not args.no_hf, hf_compile=args.hf_compile, allreduce=args.allreduce,
         threads=args.threads,
     )
     result = run_bench(opts)
@@ -186,8 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark graph modes against eager and peers (BENCHMARKS.md)")
     add_engine_args(bench)
     bench.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16], help="decode batch sizes")
-    bench.add_argument("--iters", type=int, default=20, help="interleaved timing iterations per step row")
-    bench.add_argument("--e2e-iters", type=int, default=3, help="timed rounds of end-to-end generation")
+    bench.add_argument("--iters", type=_positive_int, default=20, help="interleaved timing turns per step row")
+    bench.add_argument("--steps-per-turn", type=_positive_int, default=4,
+                       help="consecutive steps of one mode per timed turn (1: strict step-by-step alternation)")
+    bench.add_argument("--e2e-iters", type=_positive_int, default=3, help="timed rounds of end-to-end generation")
     bench.add_argument("--no-hf", action="store_true", help="skip the HF transformers peers")
     bench.add_argument("--hf-compile", action="store_true", help="also time HF static cache + torch.compile (slow)")
     bench.add_argument("--allreduce", action="store_true", help="also time all-reduce (always with --tp > 1)")

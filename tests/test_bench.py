@@ -12,6 +12,7 @@ import torch
 from graphcap.bench.report import format_tables, make_row
 from graphcap.bench.steps import measure_pair
 from graphcap.cli import main
+from graphcap.graph.verify import interleaved_timings
 
 CORE = {"phase", "mode", "batch_size", "ms_median", "speedup_vs_eager", "max_abs_diff", "tokens_equal"}
 TOP = {"device", "torch", "model", "startup_seconds", "results", "compile"}
@@ -47,6 +48,7 @@ def test_bench_eager_smoke_writes_schema_and_table(tmp_path, capsys, llama_ckpt)
     floor = next(r for r in rows if r["phase"] == "floor")
     assert floor["bandwidth_gbps"] > 0 and floor["weight_mb"] > 0
     assert data["startup_seconds"].keys() == {"eager"}
+    assert data["timing"] == {"iters": 2, "steps_per_turn": 4}
     assert data["engine"]["decode_attention_kernel"] in ("cpp", "torch")
     assert f"decode attention: {data['engine']['decode_attention_kernel']}" in stdout
     assert "Decode step latency" in stdout and "Prefill step latency" in stdout and "tokens/s" in stdout
@@ -87,6 +89,29 @@ def test_a_fallback_is_counted_and_shown_never_passed_as_a_replay() -> None:
     row = make_row("decode", "full", 32, pair.graph_ms, pair.speedup, pair.max_abs_diff, pair.tokens_equal,
                    replays=pair.replays, fallbacks=pair.fallbacks, fallback_reasons=pair.fallback_reasons)
     assert "0/5 (batch_too_large)" in format_tables([row])
+
+
+def test_turns_alternate_and_report_the_mean_step_of_each_turn(monkeypatch) -> None:
+    """Turns of k consecutive calls, A B A B after one warm-up call each; each turn's time is divided by k."""
+    calls: list[str] = []
+    clock = iter(range(1000))
+    monkeypatch.setattr("graphcap.graph.verify.time.perf_counter", lambda: next(clock) / 1e3)
+    ta, tb = interleaved_timings(lambda: calls.append("a"), lambda: calls.append("b"), iters=2, steps_per_turn=3)
+    assert "".join(calls) == "ab" + "aaabbb" * 2
+    assert ta == tb == [pytest.approx(1 / 3)] * 2  # one clock tick per turn, spread over its 3 steps
+
+
+def test_fallbacks_are_counted_over_every_step_of_every_turn() -> None:
+    pair = measure_pair(_FakeLLM(), "decode", batch=None, iters=3, steps_per_turn=4)
+    assert pair.fallbacks == 3 * 4 + 2
+
+
+@pytest.mark.parametrize("flag", ["--steps-per-turn", "--iters", "--e2e-iters"])
+def test_bench_refuses_a_non_positive_count(flag, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", "tiny", flag, "0"])
+    assert exc.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ from graphcap.graph.probe import ProbeBatches
 SEED = 2026
 
 
-def decode_rows(eager_llm, graph_llms: dict, batch_sizes: list[int], iters: int, max_context: int) -> list[Row]:
+def decode_rows(eager_llm, graph_llms: dict, batch_sizes: list[int], iters: int, max_context: int,
+                steps_per_turn: int = 1) -> list[Row]:
     """Per batch size: an eager baseline row, then one row per graph mode.
 
     Every mode gets the batch drawn from the same seed (same context lengths, tokens and KV contents;
@@ -24,7 +25,8 @@ def decode_rows(eager_llm, graph_llms: dict, batch_sizes: list[int], iters: int,
         for mode, llm in graph_llms.items():
             probes = ProbeBatches(llm.runner, seed=SEED + bs)
             try:
-                pair = measure_pair(llm, "decode", probes.decode(bs, max_context=max_context), iters)
+                pair = measure_pair(llm, "decode", probes.decode(bs, max_context=max_context), iters,
+                                    steps_per_turn)
             finally:
                 probes.release()
             partners.append(pair.eager_ms)

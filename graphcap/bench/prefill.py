@@ -17,7 +17,7 @@ CASES: dict[str, list[int]] = {
 }
 
 
-def prefill_rows(eager_llm, graph_llms: dict, iters: int) -> list[Row]:
+def prefill_rows(eager_llm, graph_llms: dict, iters: int, steps_per_turn: int = 1) -> list[Row]:
     """Per case: an eager row, then one row per prefill graph mode the engine accepted."""
     rows: list[Row] = []
     for case, lens in CASES.items():
@@ -26,7 +26,8 @@ def prefill_rows(eager_llm, graph_llms: dict, iters: int) -> list[Row]:
         for mode, llm in graph_llms.items():
             probes = ProbeBatches(llm.runner, seed=SEED)
             try:
-                pair = measure_pair(llm, "prefill", probes.prefill(lens, [0] * len(lens)), iters)
+                pair = measure_pair(llm, "prefill", probes.prefill(lens, [0] * len(lens)), iters,
+                                    steps_per_turn)
             finally:
                 probes.release()
             partners.append(pair.eager_ms)

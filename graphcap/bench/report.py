@@ -125,11 +125,17 @@ def _startup_lines(compile_info: dict) -> list[str]:
     return lines
 
 
+def _timing(result: dict) -> str:
+    timing = result.get("timing") or {}
+    return (f"medians of {timing.get('iters', '?')} alternating turns of "
+            f"{timing.get('steps_per_turn', 1)} consecutive step(s) per mode")
+
+
 def render(result: dict) -> str:
     """The whole report as printed on stdout: header, one table per phase, startup/memory, notes."""
     kernel = result["engine"].get("decode_attention_kernel", "torch")
     head = (f"graphcap bench: model {result['model']} on {result['device']}, torch {result['torch']}, "
-            f"decode attention: {kernel}; "
+            f"decode attention: {kernel}; step rows: {_timing(result)}; "
             f"load average {result['load_average']['start']} -> {result['load_average']['end']}")
     parts = [head, format_tables(result["results"]),
              "Startup and memory\n" + "\n".join(_startup_lines(result["compile"]))

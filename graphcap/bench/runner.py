@@ -41,6 +41,7 @@ class BenchOptions:
     graph_prefill: list[str] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])
     iters: int = 20
+    steps_per_turn: int = 4  # consecutive steps per timed turn of one mode (see verify.interleaved_timings)
     e2e_iters: int = 3
     decode_context: int = 128
     hf: bool = True
@@ -117,18 +118,20 @@ def run_bench(opts: BenchOptions) -> dict:
         engines.update({f"prefill:{m}": e for m, e in prefill_engines.items()})
         eager = engines["eager"].llm
         attention_kernel = eager.stats().get("decode_attention_kernel", "torch")
-        stage(f"decode steps: batch sizes {opts.batch_sizes}, {opts.iters} interleaved iterations")
+        stage(f"decode steps: batch sizes {opts.batch_sizes}, {opts.iters} interleaved turns of "
+              f"{opts.steps_per_turn} step(s)")
         if kw.get("tp_size", 1) > 1:
             results += tp_decode_rows(eager, {m: e.llm for m, e in decode_engines.items()}, opts.batch_sizes,
-                                      opts.iters, opts.decode_context)
+                                      opts.iters, opts.decode_context, opts.steps_per_turn)
             notes.append("under TP, prefill step rows and the bandwidth floor are not measured (the model lives "
                          "in the ranks); decode rows and e2e go through the TP engines")
             results += _e2e(opts, eager, engines, notes)
         else:
             results += decode_rows(eager, {m: e.llm for m, e in decode_engines.items()}, opts.batch_sizes,
-                                   opts.iters, opts.decode_context)
+                                   opts.iters, opts.decode_context, opts.steps_per_turn)
             stage("prefill steps")
-            results += prefill_rows(eager, {m: e.llm for m, e in prefill_engines.items()}, opts.iters)
+            results += prefill_rows(eager, {m: e.llm for m, e in prefill_engines.items()}, opts.iters,
+                                   opts.steps_per_turn)
             results += _e2e(opts, eager, engines, notes)
             stage("bandwidth floor")
             results.append(floor_row(eager.runner.model))
@@ -148,6 +151,7 @@ def run_bench(opts: BenchOptions) -> dict:
         "model": opts.model,
         "engine": {**{k: v for k, v in kw.items() if k not in ("graph_decode", "graph_prefill")},
                    "decode_attention_kernel": attention_kernel},
+        "timing": {"iters": opts.iters, "steps_per_turn": opts.steps_per_turn},
         "startup_seconds": {name: info["startup_seconds"] for name, info in compile_info.items()},
         "results": results,
         "compile": compile_info,

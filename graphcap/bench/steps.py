@@ -49,14 +49,15 @@ def _counters(llm, phase: str) -> tuple[int, int, Counter]:
 
 
 @torch.inference_mode()
-def measure_pair(llm, phase: str, batch: ForwardBatch, iters: int) -> StepPair:
-    """Check graph logits against eager once, then time both interleaved (A B A B)."""
+def measure_pair(llm, phase: str, batch: ForwardBatch, iters: int, steps_per_turn: int = 1) -> StepPair:
+    """Check graph logits against eager once, then time both in alternating turns of `steps_per_turn` steps."""
     mr = llm.runner
     replays0, eager0, rejects0 = _counters(llm, phase)
     out, ref = mr.forward(batch), mr.forward_eager(batch)
     diff, _ = compare(out, ref, ATOL, RTOL)
     equal = bool(torch.equal(out.argmax(-1), ref.argmax(-1)))
-    graph_ms, eager_ms = interleaved_medians(lambda: mr.forward(batch), lambda: mr.forward_eager(batch), iters)
+    graph_ms, eager_ms = interleaved_medians(lambda: mr.forward(batch), lambda: mr.forward_eager(batch), iters,
+                                             steps_per_turn)
     replays1, eager1, rejects1 = _counters(llm, phase)
     return StepPair(graph_ms, eager_ms, diff, equal, replays1 - replays0, eager1 - eager0,
                     dict(rejects1 - rejects0))

@@ -30,7 +30,8 @@ def _decode_inputs(llm, batch_size: int, max_context: int, seed: int) -> tuple[l
     return [[t] for t in tokens], prefix, pages
 
 
-def tp_decode_rows(eager_llm, graph_llms: dict, batch_sizes: list[int], iters: int, max_context: int) -> list[Row]:
+def tp_decode_rows(eager_llm, graph_llms: dict, batch_sizes: list[int], iters: int, max_context: int,
+                   steps_per_turn: int = 1) -> list[Row]:
     rows: list[Row] = []
     for bs in batch_sizes:
         partners, graph_rows = [], []
@@ -40,7 +41,7 @@ def tp_decode_rows(eager_llm, graph_llms: dict, batch_sizes: list[int], iters: i
             before = llm.stats()["decode"]
             graph_ms, eager_ms = interleaved_medians(
                 lambda: llm.runner.execute(ForwardMode.DECODE, *graph_in),
-                lambda: eager_llm.runner.execute(ForwardMode.DECODE, *eager_in), iters,
+                lambda: eager_llm.runner.execute(ForwardMode.DECODE, *eager_in), iters, steps_per_turn,
             )
             after = llm.stats()["decode"]
             out = llm.runner.execute(ForwardMode.DECODE, *graph_in)
