@@ -1,7 +1,8 @@
 """`graph_decode="full"` on CPU (Inductor-compiled step per bucket) equals eager on random batches.
 
 Tolerance: fp32 logits within 1e-4 absolute + 1e-4 relative (the capture-time verification bound), and
-identical greedy tokens. One bucket (4) keeps the compile count at one for the whole module.
+identical greedy tokens. Buckets 2 and 4 share one compile (a dynamic batch dimension), which keeps the
+compile count at one for the whole module and puts the shared code under the property test.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphcap import LLM, SamplingParams
+from graphcap.executor.forward_batch import ForwardMode
+from graphcap.graph.backends.cpu_inductor import signature
 from graphcap.graph.probe import ProbeBatches
 
 pytestmark = pytest.mark.slow
@@ -19,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def graph_llm(llama_ckpt):
-    with LLM(str(llama_ckpt.path), graph_decode="full", decode_sizes=[4], graph_select="always",
+    with LLM(str(llama_ckpt.path), graph_decode="full", decode_sizes=[2, 4], graph_select="always",
              kv_cache_tokens=4096, max_running_requests=8) as llm:
         yield llm
 
@@ -33,8 +36,23 @@ def eager_llm(llama_ckpt):
 def test_capture_report(graph_llm) -> None:
     decode = graph_llm.stats()["decode"]
     assert decode["mode"] == "full"
-    assert decode["captured"] == [4]
-    assert decode["buckets"][4]["max_abs_diff"] < 1e-4
+    assert decode["captured"] == [2, 4]
+    assert all(decode["buckets"][b]["max_abs_diff"] < 1e-4 for b in (2, 4))
+    assert graph_llm.runner.graph_runners[ForwardMode.DECODE].backend.compiles() == 1
+
+
+def test_only_the_dynamic_dimensions_may_differ_between_shared_compiles() -> None:
+    def fn(x, y):
+        return x
+
+    a, b = torch.zeros(4, 8), torch.zeros(4)
+    key = signature(fn, (a, b), [(0, 0), (1, 0)])
+    assert signature(fn, (torch.zeros(16, 8), torch.zeros(16)), [(0, 0), (1, 0)]) == key
+    assert signature(fn, (torch.zeros(16, 9), torch.zeros(16)), [(0, 0), (1, 0)]) != key  # a static size
+    assert signature(fn, (torch.zeros(4, 8), torch.zeros(4)), [(0, 0)]) != key  # what is marked
+    assert signature(fn, (torch.zeros(8, 4).t(), b), [(0, 0), (1, 0)]) != key  # strides
+    assert signature(fn, (a.double(), b), [(0, 0), (1, 0)]) != key  # dtype
+    assert signature(lambda x, y: x, (a, b), [(0, 0), (1, 0)]) != key  # another function
     assert decode["capture_seconds"] > 0
 
 
@@ -51,7 +69,7 @@ def test_random_decode_batches_match_eager(graph_llm, batch_size, max_context, s
         ref = runner.forward_eager(batch)
     finally:
         probes.release()
-    if batch_size > 4:
+    if batch_size > 4:  # 1 and 2 replay the bucket-2 graph, 3 and 4 the bucket-4 one: the same compile
         assert after["rejects"].get("batch_too_large", 0) == before["rejects"].get("batch_too_large", 0) + 1
         assert after["replays"] == before["replays"]
     else:

@@ -1,9 +1,11 @@
-"""CPU `full` backend: one Inductor-compiled callable per bucket (the CPU analogue of a CUDA graph).
+"""CPU `full` backend: Inductor-compiled callables per bucket (the CPU analogue of a CUDA graph).
 
-Each bucket compiles its own copy of the step function with `dynamic=False` and with Dynamo's guards
-skipped. Guards would re-check hundreds of lifted tensors on every call (about a millisecond on a small
-model, as much as the whole compiled step); they are safe to drop because the runner only ever calls a
-bucket's callable with that bucket's static buffers.
+A capture compiles its own copy of the step function with Dynamo's guards skipped. Guards would re-check
+hundreds of lifted tensors on every call (about a millisecond on a small model, as much as the whole
+compiled step); they are safe to drop because the runner only ever calls a bucket's callable with that
+bucket's static buffers. Buckets whose arguments differ only in the dimensions the runner marks dynamic
+share one compile: a cold compile costs tens of seconds here, and the shared code runs as fast as
+per-size code (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from graphcap.graph.backends.base import Replay
 # checks cannot fail here, because a runner calls its compiled code only with the buffers it compiled it for.
 DEFAULT_INDUCTOR_OPTIONS: dict[str, object] = {"size_asserts": False, "alignment_asserts": False,
                                                "scalar_asserts": False}
+# A decode step is a few hundred tiny kernel and GEMM calls, so the generated Python wrapper that issues them
+# is a large part of it; the C++ wrapper issues them from compiled code (tiny, batch 1 to 4: about 25% per
+# step). Its compile costs several seconds per graph, which decode pays once per distinct shape; encoders and
+# prefill, with many more buckets and longer steps, keep the Python wrapper.
+DECODE_INDUCTOR_OPTIONS: dict[str, object] = {"cpp_wrapper": True}
 
 
 def fresh_function(fn: Callable) -> Callable:
@@ -33,6 +40,7 @@ class InductorBackend:
 
     def __init__(self, options: dict) -> None:
         self.options = {**DEFAULT_INDUCTOR_OPTIONS, **options}
+        self.compiled: dict[tuple, tuple[Callable, Callable]] = {}  # signature -> (fn, compiled copy)
 
     def capture(
         self,
@@ -41,16 +49,33 @@ class InductorBackend:
         label: str,
         dynamic: Sequence[tuple[int, int]] = (),
     ) -> Replay:
-        compiled = torch.compile(
-            fresh_function(fn),
-            fullgraph=True,
-            dynamic=False,
-            options={**self.options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
-        )
-        for index, dim in dynamic:
-            torch._dynamo.mark_dynamic(args[index], dim)
-        compiled(*args)
+        key = signature(fn, args, dynamic)
+        if key not in self.compiled:
+            compiled = torch.compile(
+                fresh_function(fn),
+                fullgraph=True,
+                dynamic=False,
+                options={**self.options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
+            )
+            for index, dim in dynamic:
+                torch._dynamo.mark_dynamic(args[index], dim)
+            compiled(*args)
+            self.compiled[key] = (fn, compiled)  # fn kept alive, so its id in the key is never reused
+        compiled = self.compiled[key][1]
         return lambda current: compiled(*current)
+
+    def compiles(self) -> int:
+        return len(self.compiled)
 
     def memory_bytes(self) -> int:
         return 0
+
+
+def signature(fn: Callable, args: Sequence[torch.Tensor], dynamic: Sequence[tuple[int, int]]) -> tuple:
+    """What a compiled copy is specialised on: the function, and every argument's dtype, strides and sizes
+    except the dynamic ones. Guards are skipped, so two captures may share a compile only if this matches."""
+    marked = set(dynamic)
+    return (id(fn), tuple(sorted(marked)), tuple(
+        (a.dtype, a.stride(), tuple(None if (i, d) in marked else n for d, n in enumerate(a.shape)))
+        for i, a in enumerate(args)
+    ))

@@ -17,6 +17,7 @@ from graphcap.errors import UserError
 from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
 from graphcap.graph.backends import make_backend
 from graphcap.graph.backends.base import Replay
+from graphcap.graph.backends.cpu_inductor import DECODE_INDUCTOR_OPTIONS
 from graphcap.graph.config import DecodeGraphConfig
 from graphcap.graph.probe import ProbeBatches
 from graphcap.graph.runners.base import BucketedGraphRunner
@@ -45,7 +46,8 @@ class DecodeGraphRunner(BucketedGraphRunner):
         self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=self.device)
         self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=self.device)
         self.meta = StaticMetadataBuffers(self.max_bs, self.max_cols, self.page_size, self.device)
-        self.backend = make_backend(cfg.mode, self.device, dict(cfg.inductor_options), compiler)
+        options = {**DECODE_INDUCTOR_OPTIONS, **dict(cfg.inductor_options)}
+        self.backend = make_backend(cfg.mode, self.device, options, compiler)
         self.replays: dict[int, Replay] = {}
         self.step_fn = self._step_fn()  # one function for every bucket, so a backend can share its trace
 
@@ -99,10 +101,17 @@ class DecodeGraphRunner(BucketedGraphRunner):
         self.input_ids.zero_()
         self.positions.zero_()
         self.meta.load(probes.decode(1, max_context=4).attn, bucket, cols)
-        dynamic = () if self.static_cols else ((3, 1),)
         self.replays[bucket] = self.backend.capture(
-            self.step_fn, self._args(bucket, cols), f"decode bs={bucket}", dynamic
+            self.step_fn, self._args(bucket, cols), f"decode bs={bucket}", self._dynamic_dims(bucket)
         )
+
+    def _dynamic_dims(self, bucket: int) -> tuple[tuple[int, int], ...]:
+        """On CPU the block-table width varies per step, and buckets of two or more requests share one
+        compile with a dynamic batch dimension (Dynamo specialises size 1, so batch 1 compiles alone)."""
+        if self.static_cols:
+            return ()
+        batch = tuple((i, 0) for i in range(len(self._args(bucket, 2)))) if bucket >= 2 else ()
+        return ((3, 1), *batch)
 
     def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
         """A full bucket and a padded one, over different context lengths (so the KV length varies)."""
