@@ -9,9 +9,9 @@ from graphcap.errors import UserError
 DECODE_MODES = ("eager", "full", "piecewise")
 SELECT_MODES = ("auto", "always")
 VERIFY_MODES = ("warn", "strict", "off")
-# Three buckets: a cold compile costs about 23 s per bucket on a 2-core CPU, and five buckets took 119 s
-# to be ready from an empty Inductor cache; with 1/4/16 a padded batch still beats eager (docs/benchmarks.md).
-DEFAULT_DECODE_SIZES = (1, 4, 16)
+# On CPU every bucket above 1 shares one compile (a dynamic batch dimension), so a bucket costs only its
+# capture-time verification and timing, and five buckets keep padding below 2x for every batch up to 16.
+DEFAULT_DECODE_SIZES = (1, 2, 4, 8, 16)
 
 
 @dataclass(frozen=True)
