@@ -130,8 +130,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(
         model=args.model, engine_kwargs=kwargs, graph_decode=(args.graph_decode or "full").split(","),
         graph_prefill=(args.graph_prefill or "breakable").split(","), batch_sizes=args.batch_sizes, iters=args.iters,
-        steps_per_turn=args.steps_per_turn, e2e_iters=args.e2e_iters, hf=not args.no_hf, hf_compile=args.hf_compile, allreduce=args.allreduce,
-        threads=args.threads,
+        steps_per_turn=args.steps_per_turn, e2e_iters=args.e2e_iters, hf=not args.no_hf, hf_compile=args.hf_compile,
+        allreduce=args.allreduce, threads=args.threads,
     )
     result = run_bench(opts)
     if args.encoder:
