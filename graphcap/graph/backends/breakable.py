@@ -22,7 +22,7 @@ import torch
 
 from graphcap.attention.metadata import AttentionMetadata
 from graphcap.graph.backends.base import Replay
-from graphcap.graph.backends.cpu_inductor import DEFAULT_INDUCTOR_OPTIONS
+from graphcap.graph.backends.cpu_inductor import CPP_WRAPPER_OPTIONS, DEFAULT_INDUCTOR_OPTIONS
 from graphcap.graph.backends.cuda_graph import capture_stream
 from graphcap.graph.backends.segment_compile import CompiledSegment
 from graphcap.models.segments import SegmentedBody, run_segmented
@@ -52,7 +52,7 @@ class CpuBreakableBackend:
         self.page_size = page_size
         # One compiled segment per kind with a dynamic token dimension; every layer passes its own
         # weights as inputs, so the middle segment serves all of them and every bucket.
-        options = {**DEFAULT_INDUCTOR_OPTIONS, **inductor_options}
+        options = {**DEFAULT_INDUCTOR_OPTIONS, **CPP_WRAPPER_OPTIONS, **inductor_options}
         self.body = SegmentedBody(body.layers, CompiledSegment(body.first, 1, options),
                                   CompiledSegment(body.middle, 2, options), CompiledSegment(body.last, 1, options),
                                   body.attend)

@@ -23,11 +23,13 @@ from graphcap.graph.backends.base import Replay
 # checks cannot fail here, because a runner calls its compiled code only with the buffers it compiled it for.
 DEFAULT_INDUCTOR_OPTIONS: dict[str, object] = {"size_asserts": False, "alignment_asserts": False,
                                                "scalar_asserts": False}
-# A decode step is a few hundred tiny kernel and GEMM calls, so the generated Python wrapper that issues them
-# is a large part of it; the C++ wrapper issues them from compiled code (tiny: 15% more end-to-end tokens/s,
-# batch-1 steps 17-25% faster back to back). Its compile costs several seconds per graph, which decode pays
-# for two graphs; encoders and prefill, with more graphs and longer steps, keep the Python wrapper.
-DECODE_INDUCTOR_OPTIONS: dict[str, object] = {"cpp_wrapper": True}
+# A compiled step issues hundreds of small kernel and GEMM calls, so the generated Python wrapper that
+# issues them is a large part of it; the C++ wrapper issues them from compiled code (tiny: decode 15% more
+# end-to-end tokens/s, batch-1 steps 17-25% faster back to back; breakable prefill 3-4% per step). Its
+# compile costs several seconds per graph, so only runners with a bounded number of compiles take it:
+# decode (two) and breakable prefill (three segment kinds). Encoders compile every bucket and keep the
+# Python wrapper.
+CPP_WRAPPER_OPTIONS: dict[str, object] = {"cpp_wrapper": True}
 
 
 def fresh_function(fn: Callable) -> Callable:

@@ -17,7 +17,7 @@ from graphcap.errors import UserError
 from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
 from graphcap.graph.backends import make_backend
 from graphcap.graph.backends.base import Replay
-from graphcap.graph.backends.cpu_inductor import DECODE_INDUCTOR_OPTIONS
+from graphcap.graph.backends.cpu_inductor import CPP_WRAPPER_OPTIONS
 from graphcap.graph.config import DecodeGraphConfig
 from graphcap.graph.probe import ProbeBatches
 from graphcap.graph.runners.base import BucketedGraphRunner
@@ -46,7 +46,7 @@ class DecodeGraphRunner(BucketedGraphRunner):
         self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=self.device)
         self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=self.device)
         self.meta = StaticMetadataBuffers(self.max_bs, self.max_cols, self.page_size, self.device)
-        options = {**DECODE_INDUCTOR_OPTIONS, **dict(cfg.inductor_options)}
+        options = {**CPP_WRAPPER_OPTIONS, **dict(cfg.inductor_options)}
         self.backend = make_backend(cfg.mode, self.device, options, compiler)
         self.replays: dict[int, Replay] = {}
         self.step_fn = self._step_fn()  # one function for every bucket, so a backend can share its trace
