@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from torch.export.graph_signature import InputKind
-from torch.utils._pytree import TreeSpec, tree_unflatten
+from torch.utils._pytree import tree_unflatten
 
 
 class _SegmentModule(nn.Module):
@@ -46,7 +46,6 @@ class CompiledSegment:
         self.num_modules = num_modules
         self.options = dict(options)
         self.compiled: Callable[..., list[torch.Tensor]] | None = None
-        self.unflatten: Callable[[Sequence[torch.Tensor]], object] = tuple
         self._weights: list[tuple[int, str] | torch.Tensor] = []
         self._flat: dict[tuple[int, ...], list[torch.Tensor]] = {}
 
@@ -72,7 +71,7 @@ class CompiledSegment:
                 self._weights.append(exported.constants[spec.target])
             else:
                 raise ValueError(f"segment input of kind {spec.kind.name} cannot be compiled standalone")
-        self.unflatten = output_builder(exported.call_spec.out_spec)
+        self.out_spec = exported.call_spec.out_spec
         # Inductor options are configuration here (standalone_compile's own `options` are compile_fx
         # arguments, a different namespace).
         with torch.no_grad(), torch._inductor.config.patch(self.options):
@@ -103,15 +102,5 @@ class CompiledSegment:
         tensors = modules_and_tensors[self.num_modules:]
         if self.compiled is None:
             self._compile(modules, tensors)
-        return self.unflatten(self.compiled(*self.weights_of(modules), *tensors))
-
-
-def output_builder(spec: TreeSpec) -> Callable[[Sequence[torch.Tensor]], object]:
-    """Rebuilds a segment's output from the compiled code's flat list. Segments return a tensor or a flat
-    tuple of tensors, which need no pytree walk (the generic unflatten cost about 10 us per call, 17 calls
-    per prefill step on `tiny`); anything else takes the generic path."""
-    if spec.is_leaf():
-        return lambda out: out[0]
-    if spec.type is tuple and all(child.is_leaf() for child in spec.children()):
-        return tuple
-    return lambda out: tree_unflatten(list(out), spec)
+        out = self.compiled(*self.weights_of(modules), *tensors)
+        return tree_unflatten(list(out), self.out_spec)
