@@ -24,11 +24,11 @@ from graphcap.graph.backends.base import Replay
 DEFAULT_INDUCTOR_OPTIONS: dict[str, object] = {"size_asserts": False, "alignment_asserts": False,
                                                "scalar_asserts": False}
 # A compiled step issues hundreds of small kernel and GEMM calls, so the generated Python wrapper that
-# issues them is a large part of it; the C++ wrapper issues them from compiled code (tiny: decode 15% more
-# end-to-end tokens/s, batch-1 steps 17-25% faster back to back; breakable prefill 3-4% per step). Its
-# compile costs several seconds per graph, so only runners with a bounded number of compiles take it:
-# decode (two) and breakable prefill (three segment kinds). Encoders compile every bucket and keep the
-# Python wrapper.
+# issues them is a large part of it; the C++ wrapper issues them from compiled code. Same-process A/Bs on tiny
+# (docs/benchmarks.md): decode +15% end-to-end tokens/s, steps at batch 1 / 4 / 16 +5% / +6% / 0 (turns
+# of 4 steps); breakable prefill steps +3-4%. Its compile costs several seconds per graph, so only runners
+# with a bounded number of compiles take it: decode (two) and breakable prefill (three segment kinds).
+# Encoders compile every bucket and keep the Python wrapper.
 CPP_WRAPPER_OPTIONS: dict[str, object] = {"cpp_wrapper": True}
 
 

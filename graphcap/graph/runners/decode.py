@@ -101,16 +101,17 @@ class DecodeGraphRunner(BucketedGraphRunner):
         self.input_ids.zero_()
         self.positions.zero_()
         self.meta.load(probes.decode(1, max_context=4).attn, bucket, cols)
+        args = self._args(bucket, cols)
         self.replays[bucket] = self.backend.capture(
-            self.step_fn, self._args(bucket, cols), f"decode bs={bucket}", self._dynamic_dims(bucket)
+            self.step_fn, args, f"decode bs={bucket}", self._dynamic_dims(bucket, len(args))
         )
 
-    def _dynamic_dims(self, bucket: int) -> tuple[tuple[int, int], ...]:
+    def _dynamic_dims(self, bucket: int, num_args: int) -> tuple[tuple[int, int], ...]:
         """On CPU the block-table width varies per step, and buckets of two or more requests share one
         compile with a dynamic batch dimension (Dynamo specialises size 1, so batch 1 compiles alone)."""
         if self.static_cols:
             return ()
-        batch = tuple((i, 0) for i in range(len(self._args(bucket, 2)))) if bucket >= 2 else ()
+        batch = tuple((i, 0) for i in range(num_args)) if bucket >= 2 else ()
         return ((3, 1), *batch)
 
     def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
