@@ -40,7 +40,7 @@ class EngineConfig:
     graph_select: str = "auto"
     graph_verify: str = "warn"
     decode_attention: str = "auto"
-    cpu_kernels: bool = True  # graphcap's C++ CPU kernels (decode attention), built on first use
+    cpu_kernels: bool = True  # graphcap's C++ CPU attention kernels (decode, prefill), built on first use
     inductor_options: dict = field(default_factory=dict)
     # encoder checkpoints (BERT, ViT): `LLM.embed`; graphs per (batch, sequence length) bucket
     graph_encoder: str = "eager"

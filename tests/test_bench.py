@@ -49,8 +49,8 @@ def test_bench_eager_smoke_writes_schema_and_table(tmp_path, capsys, llama_ckpt)
     assert floor["bandwidth_gbps"] > 0 and floor["weight_mb"] > 0
     assert data["startup_seconds"].keys() == {"eager"}
     assert data["timing"] == {"iters": 2, "steps_per_turn": 4}
-    assert data["engine"]["decode_attention_kernel"] in ("cpp", "torch")
-    assert f"decode attention: {data['engine']['decode_attention_kernel']}" in stdout
+    assert data["engine"]["attention_kernel"] in ("cpp", "torch")
+    assert f"attention kernels: {data['engine']['attention_kernel']}" in stdout
     assert "Decode step latency" in stdout and "Prefill step latency" in stdout and "tokens/s" in stdout
     assert not any(r["mode"] == "no-such-mode" for r in rows)
     assert any("graph_prefill=no-such-mode" in n for n in data["notes"]) and "no-such-mode" in stdout

@@ -3,11 +3,17 @@
 By default attention is opaque to compilers: under a trace it is the `graphcap::attention` custom op
 (so compiled graphs can split at it), in eager it is the op's implementation called directly. Metadata
 built with `inline=True` (whole-step compiled decode) inlines the attention instead: the torch code, which
-the compiler fuses with the cache gather, or, with `decode_kernel`, graphcap's C++ paged decode kernel
+the compiler fuses with the cache gather, or, with `cpu_kernels`, graphcap's C++ paged decode kernel
 (`graphcap.ops.cpu_kernels`), which reads only each request's real keys; eager decode steps use that kernel
 too. Measured on tiny (docs/benchmarks.md): the kernel beats eager's gather + SDPA at every batch size and
 the compiled torch code from batch 4 up (21% at 16), but loses about 4% of the compiled step at batch 1,
 where the fused torch code needs no call out of the generated kernel. The numbers are the same either way.
+
+With `cpu_kernels`, other attention run outside a trace (eager prefill, and the eager breaks of breakable
+and piecewise prefill graphs) over contexts of up to `PREFILL_MAX_KEYS` keys is one call of the C++
+prefill kernel, which writes the new keys and values and attends over each request's own keys in one
+pass, where the torch path pays two index writes, SDPA's set-up and, for ragged batches, one SDPA call
+per request.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from graphcap.ops import cpu_kernels
 
 
 class TorchNativeAttnBackend:
-    def __init__(self, decode_kernel: bool = False) -> None:
-        self.decode_kernel = decode_kernel  # only where cpu_kernels.available(): decided once, at build time
+    def __init__(self, cpu_kernels: bool = False) -> None:
+        self.cpu_kernels = cpu_kernels  # only where cpu_kernels.available(): decided once, at build time
 
     def forward(
         self,
@@ -39,9 +45,13 @@ class TorchNativeAttnBackend:
         if not meta.inline and torch.compiler.is_compiling():
             return attention_op(q, k, v, meta.slot_mapping, meta.block_table, meta.q_index, meta.q_pos,
                                 meta.out_index, cache_key, meta.page_size, scale)
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         one_query_each = meta.q_index.shape[1] == 1 and meta.q_index.shape[0] == q.shape[0]
-        if one_query_each and self.decode_kernel:
+        if (self.cpu_kernels and not one_query_each and not meta.inline
+                and meta.block_table.shape[1] * meta.page_size <= cpu_kernels.PREFILL_MAX_KEYS):
+            return cpu_kernels.paged_prefill_attention(q, k, v, k_cache, v_cache, meta.slot_mapping,
+                                                       meta.eager_kv_indices(), meta.q_pos, meta.out_index, scale)
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if one_query_each and self.cpu_kernels:
             kv_indices = meta.kv_indices() if meta.inline else meta.eager_kv_indices()
             return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, kv_indices, meta.q_pos, scale)
         if meta.inline:

@@ -12,7 +12,7 @@ from graphcap.attention.torch_native import kv_indices_from_block_table, write_a
 from graphcap.ops import cpu_kernels
 
 _KV_CACHES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-_DECODE_KERNEL_KEYS: set[int] = set()  # caches whose engine decodes with graphcap's C++ kernel
+_KERNEL_KEYS: set[int] = set()  # caches whose engine attends with graphcap's C++ kernels
 _next_key = 0
 
 
@@ -26,12 +26,12 @@ def register_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
 
 def unregister_kv_cache(key: int) -> None:
     _KV_CACHES.pop(key, None)
-    _DECODE_KERNEL_KEYS.discard(key)
+    _KERNEL_KEYS.discard(key)
 
 
-def use_decode_kernel(key: int) -> None:
-    """Decode steps through the op on this cache use the C++ kernel (the engine built it and chose it)."""
-    _DECODE_KERNEL_KEYS.add(key)
+def use_cpu_kernels(key: int) -> None:
+    """Attention through the op on this cache uses the C++ kernels (the engine built them and chose them)."""
+    _KERNEL_KEYS.add(key)
 
 
 @torch.library.custom_op("graphcap::attention", mutates_args=())
@@ -49,10 +49,14 @@ def attention_op(
     scale: float,
 ) -> torch.Tensor:
     k_cache, v_cache = _KV_CACHES[cache_key]
-    if cache_key in _DECODE_KERNEL_KEYS and q_index.shape[1] == 1 and q_index.shape[0] == q.shape[0]:
-        write_kv(k, v, k_cache, v_cache, slot_mapping)
+    decode = q_index.shape[1] == 1 and q_index.shape[0] == q.shape[0]
+    if cache_key in _KERNEL_KEYS and (decode or block_table.shape[1] * page_size <= cpu_kernels.PREFILL_MAX_KEYS):
         kv_indices = kv_indices_from_block_table(block_table, page_size)
-        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, kv_indices, q_pos, scale)
+        if decode:
+            write_kv(k, v, k_cache, v_cache, slot_mapping)
+            return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, kv_indices, q_pos, scale)
+        return cpu_kernels.paged_prefill_attention(q, k, v, k_cache, v_cache, slot_mapping, kv_indices, q_pos,
+                                                   out_index, scale)
     return write_and_attend(q, k, v, k_cache, v_cache, slot_mapping, block_table, q_index, q_pos, out_index,
                             page_size, scale)
 

@@ -133,9 +133,9 @@ def _timing(result: dict) -> str:
 
 def render(result: dict) -> str:
     """The whole report as printed on stdout: header, one table per phase, startup/memory, notes."""
-    kernel = result["engine"].get("decode_attention_kernel", "torch")
+    kernel = result["engine"].get("attention_kernel", "torch")
     head = (f"graphcap bench: model {result['model']} on {result['device']}, torch {result['torch']}, "
-            f"decode attention: {kernel}; step rows: {_timing(result)}; "
+            f"attention kernels: {kernel}; step rows: {_timing(result)}; "
             f"load average {result['load_average']['start']} -> {result['load_average']['end']}")
     parts = [head, format_tables(result["results"]),
              "Startup and memory\n" + "\n".join(_startup_lines(result["compile"]))

@@ -117,7 +117,7 @@ def run_bench(opts: BenchOptions) -> dict:
         engines.update(decode_engines)
         engines.update({f"prefill:{m}": e for m, e in prefill_engines.items()})
         eager = engines["eager"].llm
-        attention_kernel = eager.stats().get("decode_attention_kernel", "torch")
+        attention_kernel = eager.stats().get("attention_kernel", "torch")
         stage(f"decode steps: batch sizes {opts.batch_sizes}, {opts.iters} interleaved turns of "
               f"{opts.steps_per_turn} step(s)")
         if kw.get("tp_size", 1) > 1:
@@ -150,7 +150,7 @@ def run_bench(opts: BenchOptions) -> dict:
         "torch": torch.__version__,
         "model": opts.model,
         "engine": {**{k: v for k, v in kw.items() if k not in ("graph_decode", "graph_prefill")},
-                   "decode_attention_kernel": attention_kernel},
+                   "attention_kernel": attention_kernel},
         "timing": {"iters": opts.iters, "steps_per_turn": opts.steps_per_turn},
         "startup_seconds": {name: info["startup_seconds"] for name, info in compile_info.items()},
         "results": results,

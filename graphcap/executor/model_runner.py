@@ -10,7 +10,7 @@ from torch import nn
 
 from graphcap.attention.backend import TorchNativeAttnBackend
 from graphcap.attention.metadata import build_metadata
-from graphcap.attention.op import use_decode_kernel
+from graphcap.attention.op import use_cpu_kernels
 from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
 from graphcap.executor.kv_cache import KVCache, num_pages_for
 from graphcap.models.config import ModelConfig
@@ -38,7 +38,7 @@ class ModelRunner:
         device: torch.device,
         kv_cache_tokens: int,
         page_size: int,
-        decode_kernel: bool = False,
+        cpu_kernels: bool = False,
     ) -> None:
         self.model = model
         self.config = config
@@ -51,10 +51,10 @@ class ModelRunner:
             config.num_layers, num_pages, page_size, attn0.num_kv_heads, config.head_dim, dtype, device
         )
         self.kv_cache.bind(model.attention_layers())
-        self.attn_backend = TorchNativeAttnBackend(decode_kernel)
-        if decode_kernel:  # piecewise graphs reach attention through the opaque op, which looks this up
+        self.attn_backend = TorchNativeAttnBackend(cpu_kernels)
+        if cpu_kernels:  # piecewise graphs reach attention through the opaque op, which looks this up
             for key in self.kv_cache.keys:
-                use_decode_kernel(key)
+                use_cpu_kernels(key)
         for layer in model.attention_layers():
             layer.attn_backend = self.attn_backend
         self.graph_runners: dict[ForwardMode, GraphRunner] = {}
@@ -103,7 +103,7 @@ class ModelRunner:
         """Eager-step counts, cache size, and per-phase graph counters (a phase without a graph runner
         reports mode "eager"), plus the compile report."""
         out: dict = {"eager_steps": dict(self.eager_steps), "kv_cache": {"bytes": self.kv_cache.nbytes()},
-                     "decode_attention_kernel": "cpp" if self.attn_backend.decode_kernel else "torch"}
+                     "attention_kernel": "cpp" if self.attn_backend.cpu_kernels else "torch"}
         for mode, name in ((ForwardMode.DECODE, "decode"), (ForwardMode.PREFILL, "prefill")):
             runner = self.graph_runners.get(mode)
             out[name] = runner.stats() if runner else {"mode": "eager", "replays": 0, "rejects": {}, "captured": []}

@@ -70,9 +70,9 @@ def build_local_runner(cfg: EngineConfig, source: ModelSource) -> ModelRunner:
     t0 = time.perf_counter()
     with enabled_custom_ops(custom_ops):
         model = build_model(source, dtype, device, quant_method_factory(cfg.quantization))
-    decode_kernel = device.type == "cpu" and cfg.cpu_kernels and cpu_kernels.available()
+    use_kernels = device.type == "cpu" and cfg.cpu_kernels and cpu_kernels.available()
     runner = ModelRunner(model, source.config, dtype, device, kv_cache_tokens(cfg, source, device), cfg.page_size,
-                         decode_kernel)
+                         use_kernels)
     runner.load_seconds = time.perf_counter() - t0
     decode_cfg, prefill_cfg = cfg.decode_graph(), cfg.prefill_graph()
     if "piecewise" in (decode_cfg.mode, prefill_cfg.mode):
