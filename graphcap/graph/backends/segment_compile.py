@@ -7,6 +7,13 @@ graph inputs and a dynamic token dimension, compiled with `torch._inductor.stand
 called directly with a precomputed flat argument list: no frame evaluation, no guards, and no per-call
 attribute walk. Segments are pure functions of their inputs (attention and the KV cache stay in the
 eager breaks), so nothing is mutated behind the compiled code's back.
+
+The artifact standalone_compile returns still wraps the generated code in Dynamo's disable context and
+AOTAutograd's runtime wrappers (grad mode, output aliasing, input mutation), none of which a pure
+inference segment needs. Calling the generated code directly, tiny, same-process A/Bs: prefill 4x32
+5.30 -> 5.11 and 6.95 -> 6.50 ms per step; 1x128 and 8 mixed within 0-2.5%. That code is reached through torch internals (`CompiledFxGraph`, torch
+is pinned), so it is adopted only after it has returned exactly what the artifact returns on the first
+call's real inputs; otherwise the artifact is called.
 """
 
 from __future__ import annotations
@@ -15,8 +22,12 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch._inductor.output_code import CompiledFxGraph
 from torch.export.graph_signature import InputKind
 from torch.utils._pytree import tree_unflatten
+
+# How deep the search for the generated code may go into the artifact's closures and attributes.
+_SEARCH_DEPTH = 8
 
 
 class _SegmentModule(nn.Module):
@@ -46,6 +57,8 @@ class CompiledSegment:
         self.num_modules = num_modules
         self.options = dict(options)
         self.compiled: Callable[..., list[torch.Tensor]] | None = None
+        self.run_flat: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+        self.direct = False  # whether run_flat is the generated code itself
         self._weights: list[tuple[int, str] | torch.Tensor] = []
         self._flat: dict[tuple[int, ...], list[torch.Tensor]] = {}
 
@@ -97,10 +110,59 @@ class CompiledSegment:
             self._flat[key] = flat
         return flat
 
+    def _choose_runner(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+        """First call: run the artifact, and adopt its generated code as the runner if it agrees exactly."""
+        compiled = self.compiled
+        out = list(compiled(*flat))
+        self.run_flat = lambda args: compiled(*args)
+        code = _generated_code(compiled)
+        if code is not None:
+            direct = list(code.current_callable(list(flat)))  # the generated code may clear its argument list
+            if len(direct) == len(out) and all(_identical(d, o) for d, o in zip(direct, out)):
+                self.run_flat = code.current_callable
+                self.direct = True
+        return out
+
     def __call__(self, *modules_and_tensors: object) -> object:
         modules = modules_and_tensors[: self.num_modules]
         tensors = modules_and_tensors[self.num_modules:]
         if self.compiled is None:
             self._compile(modules, tensors)
-        out = self.compiled(*self.weights_of(modules), *tensors)
+        flat = [*self.weights_of(modules), *tensors]
+        out = self._choose_runner(flat) if self.run_flat is None else self.run_flat(flat)
         return tree_unflatten(list(out), self.out_spec)
+
+
+def _generated_code(artifact: object) -> CompiledFxGraph | None:
+    """The one `CompiledFxGraph` inside standalone_compile's artifact, found through closures and attributes;
+    None when there is not exactly one."""
+    found: dict[int, CompiledFxGraph] = {}
+    seen: set[int] = set()
+    todo = [(artifact, 0)]
+    while todo:
+        obj, depth = todo.pop()
+        if id(obj) in seen or depth > _SEARCH_DEPTH or isinstance(obj, (torch.Tensor, str, int, float, type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, CompiledFxGraph):
+            found[id(obj)] = obj
+            continue
+        children = [cell.cell_contents for cell in getattr(obj, "__closure__", None) or () if _filled(cell)]
+        children += list(getattr(obj, "__dict__", {}).values())
+        if isinstance(obj, (list, tuple)):
+            children += list(obj)
+        todo.extend((child, depth + 1) for child in children)
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty closure cell
+        return False
+    return True
+
+
+def _identical(a: object, b: object) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b))
