@@ -27,8 +27,8 @@ from graphcap.ops import cpu_kernels
 
 
 class TorchNativeAttnBackend:
-    def __init__(self, cpu_kernels: bool = False) -> None:
-        self.cpu_kernels = cpu_kernels  # only where cpu_kernels.available(): decided once, at build time
+    def __init__(self, use_kernels: bool = False) -> None:
+        self.use_kernels = use_kernels  # only where cpu_kernels.available(): decided once, at build time
 
     def forward(
         self,
@@ -46,12 +46,12 @@ class TorchNativeAttnBackend:
             return attention_op(q, k, v, meta.slot_mapping, meta.block_table, meta.q_index, meta.q_pos,
                                 meta.out_index, cache_key, meta.page_size, scale)
         one_query_each = meta.q_index.shape[1] == 1 and meta.q_index.shape[0] == q.shape[0]
-        if (self.cpu_kernels and not one_query_each and not meta.inline
-                and meta.block_table.shape[1] * meta.page_size <= cpu_kernels.PREFILL_MAX_KEYS):
+        if (self.use_kernels and not one_query_each and not meta.inline
+                and cpu_kernels.prefill_kernel_fits(meta.block_table, meta.page_size)):
             return cpu_kernels.paged_prefill_attention(q, k, v, k_cache, v_cache, meta.slot_mapping,
                                                        meta.eager_kv_indices(), meta.q_pos, meta.out_index, scale)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if one_query_each and self.cpu_kernels:
+        if one_query_each and self.use_kernels:
             kv_indices = meta.kv_indices() if meta.inline else meta.eager_kv_indices()
             return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, kv_indices, meta.q_pos, scale)
         if meta.inline:

@@ -50,7 +50,7 @@ def attention_op(
 ) -> torch.Tensor:
     k_cache, v_cache = _KV_CACHES[cache_key]
     decode = q_index.shape[1] == 1 and q_index.shape[0] == q.shape[0]
-    if cache_key in _KERNEL_KEYS and (decode or block_table.shape[1] * page_size <= cpu_kernels.PREFILL_MAX_KEYS):
+    if cache_key in _KERNEL_KEYS and (decode or cpu_kernels.prefill_kernel_fits(block_table, page_size)):
         kv_indices = kv_indices_from_block_table(block_table, page_size)
         if decode:
             write_kv(k, v, k_cache, v_cache, slot_mapping)

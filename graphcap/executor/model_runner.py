@@ -103,7 +103,7 @@ class ModelRunner:
         """Eager-step counts, cache size, and per-phase graph counters (a phase without a graph runner
         reports mode "eager"), plus the compile report."""
         out: dict = {"eager_steps": dict(self.eager_steps), "kv_cache": {"bytes": self.kv_cache.nbytes()},
-                     "attention_kernel": "cpp" if self.attn_backend.cpu_kernels else "torch"}
+                     "attention_kernel": "cpp" if self.attn_backend.use_kernels else "torch"}
         for mode, name in ((ForwardMode.DECODE, "decode"), (ForwardMode.PREFILL, "prefill")):
             runner = self.graph_runners.get(mode)
             out[name] = runner.stats() if runner else {"mode": "eager", "replays": 0, "rejects": {}, "captured": []}

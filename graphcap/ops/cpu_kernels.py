@@ -21,8 +21,9 @@ from graphcap.compilation.cache import default_cache_dir
 
 log = logging.getLogger("graphcap")
 
-SOURCES = [Path(__file__).with_name("csrc") / name
-           for name in ("paged_decode_attention.cpp", "paged_prefill_attention.cpp")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "paged_decode_attention.cpp", CSRC / "paged_prefill_attention.cpp"]
+HEADERS = [CSRC / "kernel_common.h"]
 CFLAGS = ["-O3", "-march=native", "-ffast-math"]
 
 # The prefill kernel scores keys one at a time against a tile of queries; SDPA's blocked flash kernel
@@ -35,8 +36,9 @@ _status: str | None = None  # "ready" or "unavailable: ..."
 
 
 def _build_dir() -> Path:
-    """One directory per (source, flags, torch, CPU capability): -march=native code is only valid where built."""
-    key = "|".join([*(source.read_text() for source in SOURCES), " ".join(CFLAGS), torch.__version__, platform.machine(),
+    """One directory per (sources, flags, torch, CPU capability): -march=native code is only valid where built."""
+    texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
+    key = "|".join([*texts, " ".join(CFLAGS), torch.__version__, platform.machine(),
                     torch.backends.cpu.get_cpu_capability()])
     path = default_cache_dir() / "kernels" / hashlib.sha256(key.encode()).hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,11 @@ def paged_decode_attention(
     """Decode attention over the paged cache, same contract as `torch_native.decode_attention`
     (q: [B, H, D]; kv_indices: [B, L]; q_pos: [B, 1] -> [B, H*D]); call only when `available()`."""
     return torch.ops.graphcap_cpu.paged_decode_attention(q, k_cache, v_cache, kv_indices, q_pos, scale)
+
+
+def prefill_kernel_fits(block_table: torch.Tensor, page_size: int) -> bool:
+    """Whether the prefill kernel serves a batch whose requests' keys span these pages (else SDPA does)."""
+    return block_table.shape[1] * page_size <= PREFILL_MAX_KEYS
 
 
 def paged_prefill_attention(

@@ -6,9 +6,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernel_common.h"
+
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -115,8 +116,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
               "q and caches must share a dtype");
   TORCH_CHECK(kv_indices.scalar_type() == at::kLong && q_pos.scalar_type() == at::kLong, "indices must be int64");
-  // Heads of one request must be packed ([H, D] rows), but rows may be strided: q is often a view of qkv.
-  const at::Tensor qc = (q.stride(2) == 1 && q.stride(1) == q.size(2)) ? q : q.contiguous();
+  const at::Tensor qc = graphcap_cpu::packed_rows(q);
   const at::Tensor slots = kv_indices.contiguous();
   const at::Tensor pos = q_pos.contiguous();
   const int64_t batch = qc.size(0), num_heads = qc.size(1), head_dim = qc.size(2);
@@ -125,19 +125,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(slots.size(0) == batch && pos.numel() == batch, "one index row and one position per request");
   at::Tensor out = at::empty({batch, num_heads * head_dim}, qc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_decode_attention", [&] {
-    const auto run = [&](auto head_dim_tag) {
+    graphcap_cpu::dispatch_head_dim(head_dim, [&](auto head_dim_tag) {
       attend_all<scalar_t, decltype(head_dim_tag)::value>(
           qc.data_ptr<scalar_t>(), qc.stride(0), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
           slots.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), batch, num_heads,
           num_kv_heads, head_dim, key_len, static_cast<float>(scale));
-    };
-    switch (head_dim) {
-      case 16: run(std::integral_constant<int, 16>{}); break;
-      case 32: run(std::integral_constant<int, 32>{}); break;
-      case 64: run(std::integral_constant<int, 64>{}); break;
-      case 128: run(std::integral_constant<int, 128>{}); break;
-      default: run(std::integral_constant<int, 0>{});
-    }
+    });
   });
   return out;
 }

@@ -13,10 +13,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernel_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <memory>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -45,23 +46,25 @@ struct Scratch {
   alignas(64) float limit[kLanes];  // the last key position each lane may see (-1: a padding lane)
 };
 
-// kHeadDim > 0 fixes the head size at compile time; 0 reads it from `head_dim_rt`. qt and acc are
-// [head_dim][kLanes]: lane-major, so the loops over lanes are the innermost, contiguous ones.
+// One tile for `heads` query heads from `head0` on, all reading kv head `kv_head`. kHeadDim > 0 fixes the
+// head size at compile time; 0 reads it from `head_dim_rt`. qt and acc are [head_dim][kLanes], lane-major,
+// so the loops over lanes are the innermost, contiguous ones.
 template <typename T, int kHeadDim>
 void attend_tile(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int64_t* slots,
-                 const int64_t* positions, const Tile& tile, int64_t kv_head, int64_t head0, int64_t group,
-                 int64_t num_kv_heads, int64_t head_dim_rt, float scale, T* out, int64_t out_stride, float* __restrict qt,
-                 float* __restrict acc, Scratch& w) {
+                 const int64_t* positions, const Tile& tile, int64_t kv_head, int64_t head0, int64_t heads,
+                 int64_t num_kv_heads, int64_t head_dim_rt, float scale, T* out, int64_t out_stride,
+                 float* __restrict qt, float* __restrict acc, Scratch& w) {
   const int64_t head_dim = kHeadDim > 0 ? kHeadDim : head_dim_rt;
-  const int64_t used = tile.rows * group;
+  const int64_t used = tile.rows * heads;
   int64_t last_key = 0;
   for (int64_t r = 0; r < tile.rows; ++r) last_key = std::max(last_key, positions[r]);
   std::fill(qt, qt + head_dim * kLanes, 0.f);
-  for (int64_t l = 0; l < kLanes; ++l) w.limit[l] = l < used ? static_cast<float>(positions[l / group]) : -1.f;
+  for (int64_t l = 0; l < kLanes; ++l) w.limit[l] = l < used ? static_cast<float>(positions[l / heads]) : -1.f;
   for (int64_t r = 0; r < tile.rows; ++r) {
     const T* qr = q + (tile.first + r) * q_stride + head0 * head_dim;
-    for (int64_t g = 0; g < group; ++g)
-      for (int64_t d = 0; d < head_dim; ++d) qt[d * kLanes + r * group + g] = static_cast<float>(qr[g * head_dim + d]) * scale;
+    for (int64_t g = 0; g < heads; ++g)
+      for (int64_t d = 0; d < head_dim; ++d)
+        qt[d * kLanes + r * heads + g] = static_cast<float>(qr[g * head_dim + d]) * scale;
   }
   std::fill(acc, acc + head_dim * kLanes, 0.f);
   std::fill(w.top, w.top + kLanes, -1e30f);
@@ -115,8 +118,8 @@ void attend_tile(const T* q, int64_t q_stride, const T* k_cache, const T* v_cach
   }
   for (int64_t r = 0; r < tile.rows; ++r) {
     T* o = out + (tile.first + r) * out_stride + head0 * head_dim;
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t l = r * group + g;
+    for (int64_t g = 0; g < heads; ++g) {
+      const int64_t l = r * heads + g;
       const float inv = 1.f / w.total[l];
       for (int64_t d = 0; d < head_dim; ++d) o[g * head_dim + d] = static_cast<T>(acc[d * kLanes + l] * inv);
     }
@@ -133,11 +136,6 @@ void write_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slot_ma
   for (int64_t t = 0; t < tokens; ++t) std::copy(s + t * stride, s + t * stride + row, c + slot_mapping[t] * row);
 }
 
-// Heads of one token must be packed ([H, D] rows), but rows may be strided: q/k/v are views of qkv.
-at::Tensor packed_rows(const at::Tensor& x) {
-  return (x.stride(2) == 1 && x.stride(1) == x.size(2)) ? x : x.contiguous();
-}
-
 at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache,
                                    at::Tensor v_cache, const at::Tensor& slot_mapping, const at::Tensor& kv_indices,
                                    const at::Tensor& q_pos, const at::Tensor& out_index, double scale) {
@@ -149,6 +147,7 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k, con
               "q, k, v and caches must share a dtype");
   for (const at::Tensor* t : {&slot_mapping, &kv_indices, &q_pos, &out_index})
     TORCH_CHECK(t->scalar_type() == at::kLong, "indices must be int64");
+  using graphcap_cpu::packed_rows;
   const at::Tensor qc = packed_rows(q), kc = packed_rows(k), vc = packed_rows(v);
   const at::Tensor slots = kv_indices.contiguous(), pos = q_pos.contiguous(), rows = out_index.contiguous();
   const at::Tensor written = slot_mapping.contiguous();
@@ -185,7 +184,7 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k, con
     write_rows<scalar_t>(kc, k_cache, write_slots);
     write_rows<scalar_t>(vc, v_cache, write_slots);
     const int64_t items = static_cast<int64_t>(tiles.size()) * num_kv_heads * chunks;
-    const auto run = [&](auto head_dim_tag) {
+    graphcap_cpu::dispatch_head_dim(head_dim, [&](auto head_dim_tag) {
       at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> qt(head_dim * kLanes), acc(head_dim * kLanes);
         auto scratch = std::make_unique<Scratch>();
@@ -194,19 +193,13 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k, con
           const int64_t kv_head = i / chunks % num_kv_heads, first = i % chunks * chunk;
           attend_tile<scalar_t, decltype(head_dim_tag)::value>(
               qc.data_ptr<scalar_t>(), qc.stride(0), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-              slots.data_ptr<int64_t>() + tile.request * key_len, token_pos.data() + tile.first, tile,
-              kv_head, kv_head * group + first, std::min(chunk, group - first), num_kv_heads, head_dim, static_cast<float>(scale), out.data_ptr<scalar_t>(),
-              num_heads * head_dim, qt.data(), acc.data(), *scratch);
+              slots.data_ptr<int64_t>() + tile.request * key_len, token_pos.data() + tile.first, tile, kv_head,
+              kv_head * group + first, std::min(chunk, group - first), num_kv_heads, head_dim,
+              static_cast<float>(scale), out.data_ptr<scalar_t>(), num_heads * head_dim, qt.data(), acc.data(),
+              *scratch);
         }
       });
-    };
-    switch (head_dim) {
-      case 16: run(std::integral_constant<int, 16>{}); break;
-      case 32: run(std::integral_constant<int, 32>{}); break;
-      case 64: run(std::integral_constant<int, 64>{}); break;
-      case 128: run(std::integral_constant<int, 128>{}); break;
-      default: run(std::integral_constant<int, 0>{});
-    }
+    });
   });
   return out;
 }
