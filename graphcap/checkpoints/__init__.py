@@ -1,0 +1,1 @@
+"""Checkpoint formats (HF directories, GGUF files): configs, tensors, tokenizers and chat templates."""

