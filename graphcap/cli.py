@@ -1,4 +1,4 @@
-"""The `graphcap` command line: `generate` and `bench`. User mistakes print one line and exit 2."""
+"""The `graphcap` command line: `generate`, `chat`, `embed` and `bench`. User mistakes print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _positive_int(text: str) -> int:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every subcommand that builds an engine. Defaults are None so that only flags the
     user gave override `--graph-config`; the engine's own defaults apply otherwise."""
-    p.add_argument("--model", required=True, help="HF checkpoint directory or preset name (tiny, small)")
+    p.add_argument("--model", required=True, help="HF checkpoint directory, .gguf file, or preset (tiny, small, smollm2)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--tp", type=int, default=None, dest="tp_size", help="tensor-parallel ranks")
@@ -59,6 +59,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="neither read nor write compiled artifacts")
     p.add_argument("--no-cpu-kernels", action="store_const", const=False, default=None, dest="cpu_kernels",
                    help="use torch ops instead of graphcap's C++ CPU kernels (decode attention)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _json_or_path(text: str | None, flag: str) -> dict | None:
@@ -99,24 +109,42 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from graphcap import LLM, SamplingParams
+def _sampling_params(args: argparse.Namespace):
+    from graphcap import SamplingParams
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from graphcap import LLM
+
+    params = _sampling_params(args)
     with LLM(args.model, **engine_kwargs(args)) as llm:
         if args.prompt is not None:
             outs = llm.generate(prompts=[args.prompt], sampling_params=params)
         else:
             outs = llm.generate(prompt_token_ids=[args.prompt_ids], sampling_params=params)
-        out = outs[0]
-        if not llm.is_driver:  # another rank of a torchrun launch: rank 0 prints the same result
-            return 0
-        if args.json:
-            print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
-                              "stats": llm.stats()}))
-        else:
-            print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
+        return _print_output(llm, outs[0], args.json)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from graphcap import LLM
+
+    messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+    messages.append({"role": "user", "content": args.message})
+    with LLM(args.model, **engine_kwargs(args)) as llm:
+        return _print_output(llm, llm.chat(messages, _sampling_params(args))[0], args.json)
+
+
+def _print_output(llm, out, as_json: bool) -> int:
+    if not llm.is_driver:  # another rank of a torchrun launch: rank 0 prints the same result
+        return 0
+    if as_json:
+        print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
+                          "stats": llm.stats()}))
+    else:
+        print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
     return 0
 
 
@@ -182,16 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate from one prompt")
     add_engine_args(gen)
     src = gen.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text prompt (needs a tokenizer.json in the checkpoint)")
+    src.add_argument("--prompt", help="text prompt (needs a tokenizer in the checkpoint)")
     src.add_argument("--prompt-ids", type=_int_list, help="comma-separated token ids")
-    gen.add_argument("--max-new-tokens", type=int, default=16)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    add_sampling_args(gen, max_new_tokens=16)
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="reply to one message through the checkpoint's chat template")
+    add_engine_args(chat)
+    chat.add_argument("--message", required=True, help="the user's message")
+    chat.add_argument("--system", default=None, help="a system message before it")
+    add_sampling_args(chat, max_new_tokens=256)
+    chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="benchmark graph modes against eager and peers (BENCHMARKS.md)")
     add_engine_args(bench)

@@ -224,7 +224,7 @@ def kit():
     return types.SimpleNamespace(
         VOCAB=VOCAB, MAX_POS=MAX_POS, BOS=BOS, EOS=EOS, WORDS=WORDS, CONFIGS=CONFIGS, prompts=prompts,
         edit_config=edit_config, load_hf=load_hf, build_hf=build_hf, save_checkpoint=save_checkpoint,
-        build_tokenizer_json=build_tokenizer_json,
+        build_tokenizer_json=build_tokenizer_json, randomize=randomize_,
     )
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
@@ -21,6 +22,9 @@ from graphcap.executor.loader import resolve_source
 from graphcap.executor.setup import build_local_runner, kv_cache_tokens, max_model_len, resolve_device
 from graphcap.executor.spmd_executor import SPMDExecutor
 from graphcap.executor.tp_executor import TPExecutor
+
+if TYPE_CHECKING:
+    from graphcap.engine.chat_template import ChatTemplate
 
 log = logging.getLogger("graphcap")
 
@@ -41,7 +45,8 @@ class LLM:
         cfg = self.config
         source = resolve_source(cfg.model)
         self.model_config = source.config
-        self.tokenizer = Tokenizer(source.tokenizer_path) if source.tokenizer_path else None
+        self.tokenizer = Tokenizer(source.tokenizer) if source.tokenizer else None
+        self._chat_template: ChatTemplate | None = None
         self.max_model_len = max_model_len(cfg, source)
         t0 = time.perf_counter()
         if use_launched_ranks(cfg.tp_size):
@@ -87,6 +92,29 @@ class LLM:
             self.step()
         return [self._output(r) for r in reqs]
 
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation (a list of {"role", "content"} messages) or to several (a list of such
+        lists), rendered with the checkpoint's own chat template. Generation also stops at the token that
+        ends a turn in that template (for ChatML, "<|im_end|>")."""
+        template = self._template()
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        if not conversations:
+            raise UserError("chat() needs at least one conversation")
+        texts = [template.render(conv, add_generation_prompt=add_generation_prompt) for conv in conversations]
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        stop = self._turn_end_ids(template)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params: SamplingParams | list[SamplingParams] = self._with_stops(sampling_params or SamplingParams(),
+                                                                              stop)
+        else:
+            params = [self._with_stops(p, stop) for p in sampling_params]
+        return self.generate(prompt_token_ids=ids, sampling_params=params)
+
     def embed(self, texts: str | Sequence[str] | None = None, images=None) -> list[list[float]]:
         """One embedding per text (or image), in order. Text encoders give mean-pooled, L2-normalised vectors;
         ViT gives the final CLS vector. `images`: a [B, 3, H, W] tensor or a list of [3, H, W] tensors."""
@@ -122,6 +150,27 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+    def _template(self) -> ChatTemplate:
+        if self._embedder is not None:
+            raise UserError(f"{self.config.model!r} is an encoder model: it has no chat(); use embed()")
+        if self._chat_template is None:
+            from graphcap.engine.chat_template import ChatTemplate
+
+            src = self.tokenizer.source if self.tokenizer is not None else None
+            if src is None or src.chat_template is None:
+                raise UserError(f"model {self.config.model!r} has no chat template; use generate() with a prompt")
+            self._chat_template = ChatTemplate(src.chat_template, src.bos_token, src.eos_token)
+        return self._chat_template
+
+    def _turn_end_ids(self, template: ChatTemplate) -> list[int]:
+        ids = [self.tokenizer.token_id(t) for t in (template.end_token, self.tokenizer.source.eos_token) if t]
+        return sorted({i for i in ids if i is not None})
+
+    @staticmethod
+    def _with_stops(params: SamplingParams, stop: list[int]) -> SamplingParams:
+        extra = [t for t in stop if t not in params.stop_token_ids]
+        return dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *extra]) if extra else params
 
     # -- one engine step ----------------------------------------------------------------------------------
     def step(self) -> None:
@@ -165,7 +214,7 @@ class LLM:
                 prompts = [prompts]
             if self.tokenizer is None:
                 raise UserError(
-                    f"model {self.config.model!r} has no tokenizer.json; pass prompt_token_ids instead of text"
+                    f"model {self.config.model!r} has no tokenizer; pass prompt_token_ids instead of text"
                 )
             ids = [self.tokenizer.encode(p) if isinstance(p, str) else _bad_prompt(p) for p in prompts]
         else:

@@ -1,23 +1,21 @@
-"""Plain-text encode/decode through a checkpoint's tokenizer.json (no chat templates)."""
+"""Text in and out of a checkpoint's tokenizer (HF tokenizer.json or one built from GGUF metadata)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from graphcap.errors import UserError
+from graphcap.checkpoints.tokenizer_source import TokenizerSource
 
 
 class Tokenizer:
-    def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
+    def __init__(self, source: TokenizerSource) -> None:
+        self._tok = source.load()
+        self.source = source
 
-        try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as e:  # the tokenizers library raises a bare Exception on malformed files
-            raise UserError(f"cannot load tokenizer {path}: {e}") from None
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of a token given by its text (a special token such as "<|im_end|>"), if it is one."""
+        return self._tok.token_to_id(text)

@@ -10,12 +10,17 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from graphcap.checkpoints.gguf import GGUFCheckpoint, is_gguf_path
+from graphcap.checkpoints.smollm2 import smollm2_gguf_path
+from graphcap.checkpoints.tokenizer_source import TokenizerSource, hf_tokenizer_source
 from graphcap.errors import UserError
 from graphcap.executor.presets import PRESETS, preset_config, preset_weights
 from graphcap.models.config import ModelConfig
 from graphcap.models.registry import resolve_decoder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Presets of real pretrained checkpoints: name -> where the file is (installed with a package).
+REAL_PRESETS: dict[str, Callable[[], Path]] = {"smollm2": smollm2_gguf_path}
 
 
 @dataclass
@@ -26,18 +31,23 @@ class ModelSource:
     hf_config: dict
     config: ModelConfig
     weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
-    tokenizer_path: Path | None
+    tokenizer: TokenizerSource | None
 
 
 def resolve_source(model: str) -> ModelSource:
     if model in PRESETS:
         hf = preset_config(model)
         return ModelSource(model, hf, ModelConfig.from_hf(hf), lambda: preset_weights(model), None)
+    if model in REAL_PRESETS:
+        return gguf_source(REAL_PRESETS[model]())
+    if is_gguf_path(model):
+        return gguf_source(Path(model))
     path = Path(model).expanduser()
     if not path.exists():
-        raise UserError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
+        presets = ", ".join([*PRESETS, *REAL_PRESETS])
+        raise UserError(f"model {model!r} is neither a preset ({presets}), a .gguf file nor an existing directory")
     if not path.is_dir():
-        raise UserError(f"model path {str(path)!r} is not a directory (expected an HF checkpoint directory)")
+        raise UserError(f"model path {str(path)!r} is neither a directory (HF checkpoint) nor a .gguf file")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise UserError(f"{path} has no config.json; not an HF-format checkpoint")
@@ -49,8 +59,23 @@ def resolve_source(model: str) -> ModelSource:
         raise UserError(f"{cfg_file} must hold a JSON object")
     config = ModelConfig.from_hf(hf)
     files = safetensors_files(path)
-    tok = path / "tokenizer.json"
-    return ModelSource(str(path), hf, config, lambda: iter_safetensors(files), tok if tok.is_file() else None)
+    return ModelSource(str(path), hf, config, lambda: iter_safetensors(files), hf_tokenizer_source(path))
+
+
+def gguf_source(path: Path) -> ModelSource:
+    """A GGUF file: config from its metadata, dequantised tensors, the tokenizer its metadata describes."""
+    ckpt = GGUFCheckpoint(path)
+    tokenizer = None
+    if "tokenizer.ggml.tokens" in ckpt.metadata:
+        tokenizer = TokenizerSource(lambda: _gguf_tokenizer(ckpt.metadata), ckpt.chat_template(),
+                                    ckpt.special_token("bos"), ckpt.special_token("eos"), str(ckpt.path))
+    return ModelSource(str(ckpt.path), ckpt.hf_config, ModelConfig.from_hf(ckpt.hf_config), ckpt.tensors, tokenizer)
+
+
+def _gguf_tokenizer(metadata: dict):
+    from graphcap.checkpoints.gguf_tokenizer import build_tokenizer
+
+    return build_tokenizer(metadata)
 
 
 def safetensors_files(path: Path) -> list[Path]:

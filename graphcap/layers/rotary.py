@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 
 import torch
@@ -23,20 +25,30 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+@functools.lru_cache(maxsize=8)
+def _cos_sin_cache(head_dim: int, max_positions: int, theta: float, scaling_json: str, device: torch.device):
+    """One table per model, not per layer: every layer's is identical (a 30-layer model with 8192
+    positions would otherwise build and hold 30 copies)."""
+    scaling = json.loads(scaling_json)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif rope_type not in ("default", None):
+        raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, llama3)")
+    t = torch.arange(max_positions, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    # cos and sin side by side, so one gather per layer fetches both.
+    return torch.cat((emb.cos(), emb.sin()), dim=-1).to(device)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-        if rope_type == "llama3":
-            inv_freq = _llama3_inv_freq(inv_freq, scaling)
-        elif rope_type not in ("default", None):
-            raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, llama3)")
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        # cos and sin side by side, so one gather per layer fetches both.
-        self.register_buffer("cos_sin_cache", torch.cat((emb.cos(), emb.sin()), dim=-1), persistent=False)
+        device = torch.get_default_device()
+        cache = _cos_sin_cache(head_dim, max_positions, theta, json.dumps(scaling, sort_keys=True), device)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, Hkv, D], positions: [T]. q and k are rotated together: one pass of the
