@@ -168,10 +168,11 @@ def decode_attention(
     group = num_heads // num_kv_heads
     keys = k_cache[kv_indices]  # [B, L, Hkv, D]
     values = v_cache[kv_indices]
-    qg = q.view(batch, 1, num_kv_heads, group, head_dim).float()
-    scores = (qg * keys.unsqueeze(3).float()).sum(-1) * scale  # [B, L, Hkv, G]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 accumulation, float64 kept for references
+    qg = q.view(batch, 1, num_kv_heads, group, head_dim).to(acc)
+    scores = (qg * keys.unsqueeze(3).to(acc)).sum(-1) * scale  # [B, L, Hkv, G]
     key_pos = torch.arange(kv_indices.shape[1], device=q.device)
     visible = (key_pos.view(1, -1) <= q_pos.view(-1, 1)).view(batch, -1, 1, 1)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=1)
-    out = (probs.unsqueeze(-1) * values.unsqueeze(3).float()).sum(1)  # [B, Hkv, G, D]
+    out = (probs.unsqueeze(-1) * values.unsqueeze(3).to(acc)).sum(1)  # [B, Hkv, G, D]
     return out.to(q.dtype).reshape(batch, num_heads * head_dim)

@@ -131,7 +131,7 @@ def _sentencepiece_bpe(metadata: Mapping[str, Any]) -> tokenizers.Tokenizer:
     tokens, types = _vocabulary(metadata)
     scores = metadata.get("tokenizer.ggml.scores")
     if scores is None:
-        raise UserError("GGUF tokenizer metadata has no tokenizer.ggml.scores, which a 'llama' tokenizer needs")
+        raise UserError("GGUF tokenizer metadata has no tokenizer.ggml.scores, which 'llama' tokenizers need")
     if not isinstance(scores, list) or not all(isinstance(s, (int, float)) for s in scores):
         raise UserError("GGUF tokenizer metadata: tokenizer.ggml.scores must be a list of numbers")
     if len(scores) != len(tokens):
@@ -179,7 +179,9 @@ def _vocabulary(metadata: Mapping[str, Any]) -> tuple[list[str], list[int]]:
     seen: dict[str, int] = {}
     for index, token in enumerate(tokens):
         if token in seen:
-            raise UserError(f"GGUF tokenizer metadata: token {token!r} is listed twice ({seen[token]}, {index})")
+            raise UserError(
+                f"GGUF tokenizer metadata: token {token!r} is listed twice (ids {seen[token]} and {index})"
+            )
         seen[token] = index
     types = metadata.get("tokenizer.ggml.token_type")
     if types is None:  # llama.cpp then takes every token as normal
@@ -231,17 +233,18 @@ def _set_post_processor(
     eos = _required_id(metadata, "eos", tokens) if add_eos else None
     if bos is None and eos is None:
         return
-    ends = [(tokens[i], i) for i in dict.fromkeys(i for i in (bos, eos) if i is not None)]
-    first = [tokens[bos]] if bos is not None else []
-    last = [tokens[eos]] if eos is not None else []
-    try:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=first + ["$A"] + last,
-            pair=first + ["$A"] + last + first + ["$B:1"] + last,
-            special_tokens=ends,
-        )
-    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a token spelt with ':'
-        raise UserError(f"GGUF tokenizer metadata: cannot add BOS/EOS tokens {ends}: {e}") from None
+    # The template names the tokens "BOS"/"EOS", not by their text, which need not parse as a template piece
+    first = ["BOS"] if bos is not None else []
+    last = ["EOS"] if eos is not None else []
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=first + ["$A"] + last,
+        pair=first + ["$A"] + last + [f"{piece}:1" for piece in first + ["$B"] + last],
+        special_tokens=[
+            {"id": name, "ids": [i], "tokens": [tokens[i]]}
+            for name, i in (("BOS", bos), ("EOS", eos))
+            if i is not None
+        ],
+    )
 
 
 def _required_id(metadata: Mapping[str, Any], name: str, tokens: list[str]) -> int:

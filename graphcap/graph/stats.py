@@ -13,8 +13,15 @@ class BucketReport:
     reason: str | None = None
     graph_ms: float | None = None
     eager_ms: float | None = None
-    max_abs_diff: float | None = None
+    max_abs_diff: float | None = None  # graph vs eager, worst over the verification batches
+    graph_error: float | None = None  # max |graph - float64 reference|, worst batch
+    eager_error: float | None = None  # max |eager - float64 reference| on that batch
+    error_ratio: float | None = None  # graph_error / eager_error: how much less accurate the graph is
     min_size: int = 0  # live sizes below this run eagerly: padded that far, the graph loses to eager
+
+    def record_accuracy(self, graph_error: float, eager_error: float, ratio: float) -> None:
+        if self.error_ratio is None or ratio > self.error_ratio:
+            self.graph_error, self.eager_error, self.error_ratio = graph_error, eager_error, ratio
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "size"}
@@ -27,6 +34,7 @@ class RunnerStats:
     rejects: Counter = field(default_factory=Counter)
     buckets: dict[int, BucketReport] = field(default_factory=dict)
     capture_seconds: float = 0.0
+    verify_seconds: float = 0.0
     graph_memory_bytes: int = 0
 
     def reject(self, reason: str) -> None:
@@ -40,5 +48,6 @@ class RunnerStats:
             "captured": sorted(s for s, b in self.buckets.items() if b.status == "graph"),
             "buckets": {s: b.as_dict() for s, b in sorted(self.buckets.items())},
             "capture_seconds": round(self.capture_seconds, 3),
+            "verify_seconds": round(self.verify_seconds, 3),
             "graph_memory_bytes": self.graph_memory_bytes,
         }

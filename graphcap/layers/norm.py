@@ -9,8 +9,8 @@ from graphcap.layers.custom_op import CustomOp
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Reference RMSNorm in fp32 (the HF formula), shared by the layer and the fused custom ops."""
-    if x.dtype == torch.float32:  # the same arithmetic without two no-op conversions on the hot path
+    """Reference RMSNorm in fp32 or wider (the HF formula), shared by the layer and the fused custom ops."""
+    if x.dtype in (torch.float32, torch.float64):  # no conversions: the hot path, and float64 references
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

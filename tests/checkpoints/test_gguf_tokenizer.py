@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,6 +29,7 @@ _BPE_TYPES = [CONTROL] * 3 + [USER_DEFINED] + [NORMAL] * (len(_BPE_TOKENS) - 4)
 
 
 def gpt2_metadata(**overrides) -> dict:
+    """The toy byte-level vocabulary's metadata; an override of None leaves that key out."""
     metadata = {
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "gpt-2",
@@ -98,6 +101,15 @@ def test_bos_and_eos_follow_the_flags():
     assert both.encode("hello", add_special_tokens=True).ids == [1, hello, 2]
 
 
+def test_bos_eos_texts_need_not_parse_as_template_pieces():
+    tokens = ["<|begin:of text|>" if t == "<|im_start|>" else t for t in _BPE_TOKENS]
+    flags = {"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": True}
+    tokenizer = build_tokenizer(gpt2_metadata(**{"tokenizer.ggml.tokens": tokens, **flags}))
+    encoding = tokenizer.encode("hello", "hello")
+    assert encoding.tokens == ["<|begin:of text|>", "hello", "<|im_end|>"] * 2
+    assert encoding.type_ids == [0, 0, 0, 1, 1, 1]
+
+
 def test_bos_default_without_the_flag_is_llama_cpps():
     """No add_bos_token: llama.cpp adds BOS for the Llama-3 family of pre names only."""
     hello = _BPE_TOKENS.index("hello")
@@ -148,6 +160,7 @@ _SPM_SCORES = [0.0] * 259 + [-float(i) for i in range(len(_SPM_PIECES))]
 
 
 def spm_metadata(**overrides) -> dict:
+    """The toy SentencePiece vocabulary's metadata; an override of None leaves that key out."""
     metadata = {
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": list(_SPM_TOKENS),
@@ -189,27 +202,20 @@ def llama_cpp_spm(text: str, add_space_prefix: bool = True) -> list[int]:
             continue
         symbols = list(((" " if add_space_prefix else "") + fragment).replace(" ", "▁"))
         while True:
-            joins = [(score[a + b], -i) for i, (a, b) in enumerate(zip(symbols, symbols[1:])) if a + b in index]
+            pairs = enumerate(itertools.pairwise(symbols))
+            joins = [(score[a + b], -i) for i, (a, b) in pairs if a + b in index]
             if not joins:
                 break
             i = -max(joins)[1]
             symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
         for symbol in symbols:
-            ids += [index[symbol]] if symbol in index else [index[f"<0x{b:02X}>"] for b in symbol.encode()]
+            in_bytes = [index[f"<0x{byte:02X}>"] for byte in symbol.encode()]
+            ids += [index[symbol]] if symbol in index else in_bytes
     return ids
 
 
-_SPM_TEXT = st.lists(
-    st.sampled_from(["h", "e", "l", "o", "w", "r", "d", " ", "  ", "é", "x", "<s>", "</s>", "<unk>", "hello"]),
-    max_size=12,
-).map("".join)
-
-
-@settings(max_examples=150, deadline=None)
-@given(text=_SPM_TEXT, add_space_prefix=st.booleans())
-def test_sentencepiece_matches_llama_cpp_algorithm(text, add_space_prefix):
-    tokenizer = _spm_tokenizer(add_space_prefix)
-    assert tokenizer.encode(text, add_special_tokens=False).ids == llama_cpp_spm(text, add_space_prefix)
+_SPM_PARTS = ["h", "e", "l", "o", "w", "r", "d", " ", "  ", "é", "x", "hello", "<s>", "</s>", "<unk>"]
+_SPM_TEXT = st.lists(st.sampled_from(_SPM_PARTS), max_size=12).map("".join)
 
 
 _SPM_TOKENIZERS: dict = {}
@@ -221,6 +227,13 @@ def _spm_tokenizer(add_space_prefix: bool):
         metadata = spm_metadata(**{"tokenizer.ggml.add_space_prefix": add_space_prefix})
         _SPM_TOKENIZERS[add_space_prefix] = build_tokenizer(metadata)
     return _SPM_TOKENIZERS[add_space_prefix]
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=_SPM_TEXT, add_space_prefix=st.booleans())
+def test_sentencepiece_matches_llama_cpp_algorithm(text, add_space_prefix):
+    tokenizer = _spm_tokenizer(add_space_prefix)
+    assert tokenizer.encode(text, add_special_tokens=False).ids == llama_cpp_spm(text, add_space_prefix)
 
 
 def test_sentencepiece_examples():

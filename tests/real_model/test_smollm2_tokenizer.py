@@ -153,8 +153,10 @@ _UNICODE = [
 
 _SPECIAL = [
     "<|im_start|>user\nhi<|im_end|>",
-    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
-    "<|im_start|>assistant\n",
+    (
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
     "<|endoftext|>",
     "text before<|endoftext|>text after",
     "<|im_start|><|im_end|>",

@@ -20,7 +20,11 @@ from graphcap.graph.backends.base import Replay
 from graphcap.graph.backends.cpu_inductor import CPP_WRAPPER_OPTIONS
 from graphcap.graph.config import DecodeGraphConfig
 from graphcap.graph.probe import ProbeBatches
+from graphcap.graph.reference import Float64Reference, has_float64_reference
 from graphcap.graph.runners.base import BucketedGraphRunner
+
+
+VERIFY_CONTEXT_PAGES = 8  # the longest context a verification batch attends over, in pages
 
 
 class DecodeGraphRunner(BucketedGraphRunner):
@@ -114,11 +118,16 @@ class DecodeGraphRunner(BucketedGraphRunner):
         batch = tuple((i, 0) for i in range(num_args)) if bucket >= 2 else ()
         return ((3, 1), *batch)
 
+    def _make_reference(self) -> Float64Reference | None:
+        if not has_float64_reference(self.mr.model):
+            return None
+        return Float64Reference(self.mr, self.max_bs * self.page_size * (VERIFY_CONTEXT_PAGES + 1))
+
     def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
         """A full bucket and a padded one, over different context lengths (so the KV length varies)."""
         return [
             probes.decode(bucket, max_context=self.page_size * 3),
-            probes.decode(max(1, bucket - 1), max_context=self.page_size * 8),
+            probes.decode(max(1, bucket - 1), max_context=self.page_size * VERIFY_CONTEXT_PAGES),
         ]
 
     def _timing_batch(self, bucket: int, probes: ProbeBatches) -> ForwardBatch:

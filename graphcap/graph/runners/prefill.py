@@ -20,6 +20,7 @@ from graphcap.graph.backends.base import Replay
 from graphcap.graph.backends.breakable import make_breakable_backend
 from graphcap.graph.config import PrefillGraphConfig
 from graphcap.graph.probe import ProbeBatches
+from graphcap.graph.reference import Float64Reference, has_float64_reference
 from graphcap.graph.runners.base import BucketedGraphRunner
 from graphcap.graph.verify import interleaved_medians
 
@@ -157,6 +158,11 @@ class PrefillGraphRunner(BucketedGraphRunner):
         self.replays[bucket] = self.backend.capture(
             self.body_fn, self._load(batch, bucket), f"prefill tokens={bucket}", PER_REQUEST_DIMS
         )
+
+    def _make_reference(self) -> Float64Reference | None:
+        if not has_float64_reference(self.mr.model):
+            return None
+        return Float64Reference(self.mr, self.max_tokens + 4 * self.page_size + 8)
 
     def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
         """A full bucket split over several requests (one on a cached prefix), and a padded single request."""
