@@ -17,6 +17,17 @@ from graphcap.executor.model_runner import ModelRunner
 from graphcap.layers.linear import UnquantizedLinearMethod
 
 
+def read_kv(kv_cache, slots: torch.Tensor) -> torch.Tensor:
+    """Every layer's keys and values at `slots`: [2 * layers, len(slots), kv_heads, head_dim]."""
+    return torch.stack([c.index_select(0, slots) for c in kv_cache.k + kv_cache.v])
+
+
+def page_slots(batch: ForwardBatch, page_size: int) -> torch.Tensor:
+    """Every cache slot of the batch's pages."""
+    pages = torch.tensor([p for t in batch.page_tables for p in t], dtype=torch.int64)
+    return (pages.unsqueeze(1) * page_size + torch.arange(page_size)).reshape(-1).to(batch.input_ids.device)
+
+
 def has_float64_reference(model: torch.nn.Module) -> bool:
     """A float64 copy is a plain copy of the parameters; quantised layers (FP8) store other tensors."""
     return all(isinstance(getattr(m, "quant_method", None) or UnquantizedLinearMethod(), UnquantizedLinearMethod)
@@ -26,22 +37,27 @@ def has_float64_reference(model: torch.nn.Module) -> bool:
 class Float64Reference:
     """Built on first use and dropped by `close()`, so the copy lives only while buckets are verified."""
 
-    def __init__(self, model_runner: ModelRunner, max_tokens: int) -> None:
+    def __init__(self, model_runner: ModelRunner, max_tokens: int, max_pages: int) -> None:
         self.mr = model_runner
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens  # new tokens per batch: a float64 forward of more costs seconds
+        self.max_pages = max_pages  # the float64 KV cache's size
         self._runner: ModelRunner | None = None
+
+    def fits(self, batch: ForwardBatch) -> bool:
+        return batch.num_tokens <= self.max_tokens and sum(map(len, batch.page_tables)) <= self.max_pages
 
     def _build(self) -> ModelRunner:
         src = self.mr.model
         with torch.device(self.mr.device):
             model = type(src)(src.config, torch.float64)
         model.load_state_dict({k: v.to(torch.float64) for k, v in src.state_dict().items()})
-        return ModelRunner(model.eval(), self.mr.config, torch.float64, self.mr.device, self.max_tokens,
-                           self.mr.page_size, cpu_kernels=False)
+        return ModelRunner(model.eval(), self.mr.config, torch.float64, self.mr.device,
+                           self.max_pages * self.mr.page_size, self.mr.page_size, cpu_kernels=False)
 
     @torch.inference_mode()
-    def logits(self, batch: ForwardBatch) -> torch.Tensor:
-        """The batch's logits computed in float64 on the same cached keys/values it attends to."""
+    def run(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's logits and the keys/values it writes (`read_kv` layout), computed in float64 on the
+        same cached keys/values it attends to."""
         if self._runner is None:
             self._runner = self._build()
         ref = self._runner
@@ -63,7 +79,8 @@ class Float64Reference:
                 per_request.append(tokens[start:start + n])
                 start += n
             ref_batch = ref.make_batch(batch.mode, per_request, batch.prefix_lens, tables)
-            return ref.forward_eager(ref_batch)
+            logits = ref.forward_eager(ref_batch)
+            return logits, read_kv(ref.kv_cache, ref_batch.attn.slot_mapping)
         finally:
             for t in tables:
                 ref.pool.free(t)

@@ -21,7 +21,7 @@ from graphcap.graph.backends.cpu_inductor import CPP_WRAPPER_OPTIONS
 from graphcap.graph.config import DecodeGraphConfig
 from graphcap.graph.probe import ProbeBatches
 from graphcap.graph.reference import Float64Reference, has_float64_reference
-from graphcap.graph.runners.base import BucketedGraphRunner
+from graphcap.graph.runners.base import REFERENCE_MAX_TOKENS, BucketedGraphRunner
 
 
 VERIFY_CONTEXT_PAGES = 8  # the longest context a verification batch attends over, in pages
@@ -121,7 +121,12 @@ class DecodeGraphRunner(BucketedGraphRunner):
     def _make_reference(self) -> Float64Reference | None:
         if not has_float64_reference(self.mr.model):
             return None
-        return Float64Reference(self.mr, self.max_bs * self.page_size * (VERIFY_CONTEXT_PAGES + 1))
+        requests = min(self.max_bs, REFERENCE_MAX_TOKENS // 8)
+        return Float64Reference(self.mr, REFERENCE_MAX_TOKENS, requests * (VERIFY_CONTEXT_PAGES + 1))
+
+    def _calibration_batch(self, probes: ProbeBatches) -> ForwardBatch:
+        return probes.decode(min(self.max_bs, REFERENCE_MAX_TOKENS // 8),
+                             max_context=self.page_size * VERIFY_CONTEXT_PAGES)
 
     def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
         """A full bucket and a padded one, over different context lengths (so the KV length varies)."""

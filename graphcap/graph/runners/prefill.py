@@ -21,7 +21,7 @@ from graphcap.graph.backends.breakable import make_breakable_backend
 from graphcap.graph.config import PrefillGraphConfig
 from graphcap.graph.probe import ProbeBatches
 from graphcap.graph.reference import Float64Reference, has_float64_reference
-from graphcap.graph.runners.base import BucketedGraphRunner
+from graphcap.graph.runners.base import REFERENCE_MAX_TOKENS, BucketedGraphRunner
 from graphcap.graph.verify import interleaved_medians
 
 # Arguments 3..5 (block table, query index and positions) are per request: their shapes follow the
@@ -162,7 +162,12 @@ class PrefillGraphRunner(BucketedGraphRunner):
     def _make_reference(self) -> Float64Reference | None:
         if not has_float64_reference(self.mr.model):
             return None
-        return Float64Reference(self.mr, self.max_tokens + 4 * self.page_size + 8)
+        # a batch of REFERENCE_MAX_TOKENS over up to 3 requests, one on a short cached prefix
+        return Float64Reference(self.mr, REFERENCE_MAX_TOKENS, REFERENCE_MAX_TOKENS // self.page_size + 4)
+
+    def _calibration_batch(self, probes: ProbeBatches) -> ForwardBatch:
+        half = REFERENCE_MAX_TOKENS // 2 - 8
+        return probes.prefill([half, half], [0, 5])
 
     def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
         """A full bucket split over several requests (one on a cached prefix), and a padded single request."""
