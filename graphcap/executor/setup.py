@@ -84,7 +84,7 @@ def build_local_runner(cfg: EngineConfig, source: ModelSource) -> ModelRunner:
         runner.graph_runners[ForwardMode.DECODE] = decode
         runner.graph_runners[ForwardMode.TARGET_VERIFY] = decode
     if prefill_cfg.mode != "eager":
-        prefill = PrefillGraphRunner(runner, prefill_cfg, cfg.max_prefill_tokens, runner.compiler)
+        prefill = PrefillGraphRunner(runner, prefill_cfg, cfg.max_prefill_tokens, limit, runner.compiler)
         prefill.capture()
         runner.graph_runners[ForwardMode.PREFILL] = prefill
     if runner.compiler is not None:

@@ -33,9 +33,19 @@ class RunnerStats:
     replays: int = 0
     rejects: Counter = field(default_factory=Counter)
     buckets: dict[int, BucketReport] = field(default_factory=dict)
-    capture_seconds: float = 0.0
+    capture_seconds: float = 0.0  # all of it: the parts below and probe set-up
+    compile_seconds: float = 0.0  # compiling and capturing the buckets' graphs
     verify_seconds: float = 0.0
+    timing_seconds: float = 0.0
     graph_memory_bytes: int = 0
+
+    clamped: dict | None = None
+
+    def clamp(self, configured, buckets, limit: int, by: str) -> None:
+        """Say which configured sizes the engine's limits left out (they could never be given a batch)."""
+        dropped = sorted(s for s in configured if s not in buckets)
+        if dropped:
+            self.clamped = {"dropped": dropped, "limit": limit, "by": by}
 
     def reject(self, reason: str) -> None:
         self.rejects[reason] += 1
@@ -47,7 +57,10 @@ class RunnerStats:
             "rejects": dict(self.rejects),
             "captured": sorted(s for s, b in self.buckets.items() if b.status == "graph"),
             "buckets": {s: b.as_dict() for s, b in sorted(self.buckets.items())},
+            "clamped": self.clamped,
             "capture_seconds": round(self.capture_seconds, 3),
+            "compile_seconds": round(self.compile_seconds, 3),
             "verify_seconds": round(self.verify_seconds, 3),
+            "timing_seconds": round(self.timing_seconds, 3),
             "graph_memory_bytes": self.graph_memory_bytes,
         }

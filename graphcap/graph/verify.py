@@ -76,7 +76,7 @@ def accuracy_within(graph: torch.Tensor, eager: torch.Tensor, eager_error: float
 
 
 def interleaved_timings(
-    fa: Callable[[], object], fb: Callable[[], object], iters: int, steps_per_turn: int = 1
+    fa: Callable[[], object], fb: Callable[[], object], iters: int, steps_per_turn: int = 1, warmup: bool = True
 ) -> tuple[list[float], list[float]]:
     """Milliseconds per call of fa and fb, timed in alternating turns (A B A B) so machine noise hits both alike.
 
@@ -86,8 +86,9 @@ def interleaved_timings(
     """
     ta: list[float] = []
     tb: list[float] = []
-    fa()
-    fb()
+    if warmup:
+        fa()
+        fb()
     for _ in range(iters):
         for fn, times in ((fa, ta), (fb, tb)):
             t = time.perf_counter()

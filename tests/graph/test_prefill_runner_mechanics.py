@@ -9,7 +9,6 @@ from graphcap import LLM
 from graphcap.graph.config import PrefillGraphConfig
 from graphcap.graph.probe import ProbeBatches
 from graphcap.graph.runners import base as runner_base
-from graphcap.graph.runners import prefill as prefill_runner
 from graphcap.graph.runners.prefill import PrefillGraphRunner
 
 
@@ -20,17 +19,23 @@ def llm(llama_ckpt):
 
 
 def _timed(monkeypatch, full: tuple[float, float], low: tuple[float, float]) -> None:
-    """Fixed (graph, eager) milliseconds: `full` on the full bucket, `low` on its most padded batch."""
-    monkeypatch.setattr(runner_base, "interleaved_timings",
-                        lambda fa, fb, iters: ([full[0]] * iters, [full[1]] * iters))
-    monkeypatch.setattr(prefill_runner, "interleaved_medians", lambda fa, fb, iters: low)
+    """Fixed (graph, eager) milliseconds: `full` on the bucket's two full timing shapes (the selection),
+    `low` on its most padded batch (the break-even point), in the order the runner times them."""
+    calls: list[int] = []
+
+    def time_pair(self, graph, eager):
+        calls.append(1)
+        times = full if len(calls) % 3 else low
+        return [times[0]] * 3, [times[1]] * 3
+
+    monkeypatch.setattr(runner_base.BucketedGraphRunner, "time_pair", time_pair)
 
 
 def test_batches_below_the_break_even_size_run_eagerly(llm, monkeypatch) -> None:
     # Full (64 tokens): graph 3 ms, eager 4 ms. Most padded (32 tokens): graph 3 ms, eager 2 ms. The lines
     # cross halfway: from 48 tokens on, the graph pays off.
     _timed(monkeypatch, full=(3.0, 4.0), low=(3.0, 2.0))
-    runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(64,), select="auto"), 64)
+    runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(64,), select="auto"), 64, llm.max_model_len)
     runner.capture()
     assert runner.stats()["buckets"][64]["min_size"] == 48
     probes = ProbeBatches(llm.runner, seed=3)
@@ -44,7 +49,7 @@ def test_batches_below_the_break_even_size_run_eagerly(llm, monkeypatch) -> None
 
 def test_a_graph_that_wins_even_when_padded_serves_the_whole_bucket(llm, monkeypatch) -> None:
     _timed(monkeypatch, full=(3.0, 4.0), low=(2.5, 2.6))
-    runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(32, 64), select="auto"), 64)
+    runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(32, 64), select="auto"), 64, llm.max_model_len)
     runner.capture()
     assert all(b["min_size"] == 0 for b in runner.stats()["buckets"].values())
     probes = ProbeBatches(llm.runner, seed=5)
@@ -55,7 +60,8 @@ def test_a_graph_that_wins_even_when_padded_serves_the_whole_bucket(llm, monkeyp
 
 
 def test_graph_select_always_serves_every_size(llm) -> None:
-    runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(64,), select="always"), 64)
+    runner = PrefillGraphRunner(llm.runner, PrefillGraphConfig(mode="eager", sizes=(64,), select="always"), 64,
+                                llm.max_model_len)
     runner.capture()
     assert all(b["min_size"] == 0 for b in runner.stats()["buckets"].values())
     probes = ProbeBatches(llm.runner, seed=4)

@@ -33,10 +33,14 @@ class DecodeGraphRunner(BucketedGraphRunner):
     def __init__(
         self, model_runner, cfg: DecodeGraphConfig, max_running_requests: int, max_model_len: int, compiler=None
     ) -> None:
-        buckets = cfg.buckets(max_running_requests)
+        # Every request holds at least one page, so the cache bounds the batch as much as the scheduler does.
+        limit = min(max_running_requests, model_runner.pool.usable_pages)
+        buckets = cfg.buckets(limit)
         if not buckets:
-            raise UserError(f"no decode size in {list(cfg.sizes)} fits max_running_requests={max_running_requests}")
+            raise UserError(f"no decode size in {list(cfg.sizes)} fits max_running_requests={max_running_requests} "
+                            f"and a KV cache of {model_runner.pool.usable_pages} pages")
         self.mr = model_runner
+        self.max_model_len = max_model_len
         super().__init__(model_runner.device, cfg.mode, buckets, cfg.verify, cfg.select, cfg.atol, cfg.rtol)
         self.cfg = cfg
         self.page_size = model_runner.page_size
@@ -53,6 +57,7 @@ class DecodeGraphRunner(BucketedGraphRunner):
         options = {**CPP_WRAPPER_OPTIONS, **dict(cfg.inductor_options)}
         self.backend = make_backend(cfg.mode, self.device, options, compiler)
         self.replays: dict[int, Replay] = {}
+        self._stats.clamp(cfg.sizes, buckets, limit, "max_running_requests and KV cache pages")
         self.step_fn = self._step_fn()  # one function for every bucket, so a backend can share its trace
 
     def can_run(self, batch: ForwardBatch) -> str | None:
@@ -135,5 +140,7 @@ class DecodeGraphRunner(BucketedGraphRunner):
             probes.decode(max(1, bucket - 1), max_context=self.page_size * VERIFY_CONTEXT_PAGES),
         ]
 
-    def _timing_batch(self, bucket: int, probes: ProbeBatches) -> ForwardBatch:
-        return probes.decode(bucket, max_context=self.page_size * 4)
+    def _timing_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
+        """A full bucket over short contexts, and a padded one over long contexts."""
+        return [probes.decode(bucket, max_context=self.page_size * 4),
+                probes.decode(max(1, bucket - 1), max_context=self.page_size * 32)]

@@ -9,6 +9,7 @@ tokens replay the same bucket.
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -22,21 +23,18 @@ from graphcap.graph.config import PrefillGraphConfig
 from graphcap.graph.probe import ProbeBatches
 from graphcap.graph.reference import Float64Reference, has_float64_reference
 from graphcap.graph.runners.base import REFERENCE_MAX_TOKENS, BucketedGraphRunner
-from graphcap.graph.verify import interleaved_medians
 
 # Arguments 3..5 (block table, query index and positions) are per request: their shapes follow the
 # number of requests and the longest one, never the bucket.
 PER_REQUEST_DIMS = ((3, 0), (3, 1), (4, 0), (4, 1), (5, 0), (5, 1))
-# Timing the most padded batch of a kept bucket only places the break-even point; a few runs do, and the
-# large buckets of a bigger model cost about a second per eager run.
-LOW_FILL_TIMING_ITERS = 3
 
 
 class PrefillGraphRunner(BucketedGraphRunner):
     phase = "prefill"
     timing_iters = 7
 
-    def __init__(self, model_runner, cfg: PrefillGraphConfig, max_prefill_tokens: int, compiler=None) -> None:
+    def __init__(self, model_runner, cfg: PrefillGraphConfig, max_prefill_tokens: int, max_model_len: int,
+                 compiler=None) -> None:
         model = model_runner.model
         if not callable(getattr(model, "segmented_body", None)):
             raise UserError(
@@ -44,8 +42,12 @@ class PrefillGraphRunner(BucketedGraphRunner):
                 "the model to say where its layer stack and attention breaks are"
             )
         self.mr = model_runner
-        super().__init__(model_runner.device, cfg.mode, cfg.buckets(max_prefill_tokens), cfg.verify, cfg.select,
+        self.max_model_len = max_model_len
+        # No step carries more new tokens than the prefill budget, nor more than the cache can hold.
+        limit = min(max_prefill_tokens, model_runner.pool.usable_pages * model_runner.page_size)
+        super().__init__(model_runner.device, cfg.mode, cfg.buckets(limit), cfg.verify, cfg.select,
                          cfg.atol, cfg.rtol)
+        self._stats.clamp(cfg.sizes, self.buckets, limit, "max_prefill_tokens and KV cache tokens")
         self.cfg = cfg
         self.max_tokens = self.buckets[-1]
         hidden_size = model_runner.config.hidden_size
@@ -99,8 +101,8 @@ class PrefillGraphRunner(BucketedGraphRunner):
             return
         parts = _split(low, 4)
         batch = probes.prefill(parts, [0] * len(parts))
-        graph_low, eager_low = interleaved_medians(lambda: self._replay(batch, bucket),
-                                                   lambda: self._eager(batch), LOW_FILL_TIMING_ITERS)
+        graph_times, eager_times = self.time_pair(lambda: self._replay(batch, bucket), lambda: self._eager(batch))
+        graph_low, eager_low = statistics.median(graph_times), statistics.median(eager_times)
         if graph_low <= eager_low:
             return
         loss_low, gain_full = graph_low - eager_low, report.eager_ms - report.graph_ms
@@ -175,9 +177,11 @@ class PrefillGraphRunner(BucketedGraphRunner):
         padded = max(1, int(bucket / self.cfg.max_padding_ratio) + 1)
         return [probes.prefill(parts, [0, 5, 0][: len(parts)]), probes.prefill([min(padded, bucket)], [0])]
 
-    def _timing_batch(self, bucket: int, probes: ProbeBatches) -> ForwardBatch:
+    def _timing_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
+        """A full bucket of four equal requests, and one of eight mixed lengths on short cached prefixes."""
         parts = _split(bucket, 4)
-        return probes.prefill(parts, [0] * len(parts))
+        mixed = _mixed(bucket, 8)
+        return [probes.prefill(parts, [0] * len(parts)), probes.prefill(mixed, [i % 3 for i in range(len(mixed))])]
 
 
 def _at_least_2x2(t: torch.Tensor) -> torch.Tensor:
@@ -191,6 +195,15 @@ def _at_least_2x2(t: torch.Tensor) -> torch.Tensor:
     out = t.new_zeros(max(rows, 2), max(cols, 2))
     out[:rows, :cols] = t
     return out
+
+
+def _mixed(total: int, parts: int) -> list[int]:
+    """`total` tokens over up to `parts` requests of lengths growing 1 : 2 : ... : parts (none empty)."""
+    parts = max(1, min(parts, total * 2 // (parts + 1) or 1))
+    weights = range(1, parts + 1)
+    lens = [max(1, total * w // sum(weights)) for w in weights]
+    lens[-1] += total - sum(lens)
+    return lens
 
 
 def _split(total: int, parts: int) -> list[int]:

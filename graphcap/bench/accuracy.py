@@ -1,0 +1,140 @@
+"""Accuracy of a reduced-precision engine (bfloat16, float16) against float32 on the same weights.
+
+Both engines run eagerly on identical inputs: each prompt is prefilled (logits of every prompt position),
+then the float32 engine's greedy continuation is fed one decode step at a time to both (teacher forcing),
+so every logits row compares the two precisions on the same tokens; a free-running greedy generation in
+each precision then says how long their outputs stay identical.
+
+The error is relative to the logits' scale, max |logits - fp32 logits| / max |fp32 logits|, over every
+compared row: a real model's logits span tens of units where a random one's span a few, so an absolute
+bound would mean different things on each. Where the greedy tokens differ, the float32 margin between its
+top two logits is reported: a disagreement on a near-tie is rounding, one on a wide margin is a bug.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from graphcap.executor.forward_batch import ForwardMode
+
+SEED = 11
+# Fixed texts for a model with a tokenizer (the real checkpoint): natural prompts of 20-40 tokens.
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. In the next paragraph we explain why this sentence is used "
+    "by typographers to show every letter of the alphabet.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make",
+    "Question: What is the capital of France, and what river runs through it?\nAnswer:",
+]
+RANDOM_PROMPT_LENS = [7, 19, 32, 48]
+
+
+@dataclass
+class Trace:
+    """Float32 logits of every compared position: prompt positions, then one row per decode step."""
+
+    logits: torch.Tensor  # [rows, vocab]
+    prompt_rows: int
+    continuation: list[int]
+
+
+@dataclass
+class DtypeAccuracy:
+    dtype: str
+    rel_err: float  # max |logits - fp32| / max |fp32|, all rows
+    prefill_rel_err: float
+    decode_rel_err: float
+    max_abs_diff: float
+    rows: int
+    argmax_agree: int  # rows whose argmax equals fp32's (teacher-forced: same inputs)
+    disagree_margins: list[float] = field(default_factory=list)  # fp32 top1-top2 gap where they differ
+    free_run_equal: int = 0  # prompts whose free-running greedy generation is identical to fp32's
+    free_run_prefix: list[int] = field(default_factory=list)  # identical leading tokens per prompt
+    prompts: int = 0
+    new_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def accuracy_prompts(llm, n: int = 4) -> list[list[int]]:
+    """Real text when the model has a tokenizer, else random token ids of fixed lengths (seeded)."""
+    if llm.tokenizer is not None:
+        return [llm.tokenizer.encode(t) for t in TEXTS[:n]]
+    gen = torch.Generator().manual_seed(SEED)
+    vocab = llm.model_config.vocab_size
+    return [torch.randint(0, vocab, (k,), generator=gen).tolist() for k in RANDOM_PROMPT_LENS[:n]]
+
+
+@torch.inference_mode()
+def trace(llm, prompt: list[int], new_tokens: int, continuation: list[int] | None = None) -> Trace:
+    """Eager logits of every prompt position, then of each decode step feeding `continuation` (or, when
+    None, this engine's own greedy tokens). Pages come from the engine's pool and go back zeroed."""
+    mr = llm.runner
+    pool = mr.pool
+    pages = pool.alloc(pool.pages_for(len(prompt) + new_tokens))
+    if pages is None:
+        raise RuntimeError("KV cache too small for the accuracy probe")
+    try:
+        batch = mr.make_batch(ForwardMode.PREFILL, [prompt], [0], [pages])
+        batch.select = torch.arange(len(prompt), device=batch.input_ids.device)
+        rows = [mr.forward_eager(batch).float()]
+        tokens: list[int] = []
+        for step in range(new_tokens):
+            tok = int(rows[-1][-1].argmax()) if continuation is None else continuation[step]
+            tokens.append(tok)
+            if step == new_tokens - 1:
+                break
+            batch = mr.make_batch(ForwardMode.DECODE, [[tok]], [len(prompt) + step], [pages])
+            rows.append(mr.forward_eager(batch).float())
+        return Trace(torch.cat(rows).cpu(), len(prompt), tokens)
+    finally:
+        slots = (torch.tensor(pages).unsqueeze(-1) * mr.page_size + torch.arange(mr.page_size)).reshape(-1)
+        for cache in mr.kv_cache.k + mr.kv_cache.v:
+            cache.index_fill_(0, slots.to(cache.device), 0)
+        pool.free(pages)
+
+
+def _greedy(llm, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    from graphcap import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def compare_dtypes(ref_llm, llm, prompts: list[list[int]], new_tokens: int = 32) -> DtypeAccuracy:
+    """`llm` (reduced precision) against `ref_llm` (float32) on the same prompts, as the module says."""
+    refs = [trace(ref_llm, p, new_tokens) for p in prompts]
+    outs = [trace(llm, p, new_tokens, r.continuation) for p, r in zip(prompts, refs)]
+    scale = max(float(r.logits.abs().max()) for r in refs)
+    diffs = [(o.logits - r.logits).abs() for o, r in zip(outs, refs)]
+    prefill = max(float(d[: r.prompt_rows].max()) for d, r in zip(diffs, refs))
+    decode = max((float(d[r.prompt_rows:].max()) for d, r in zip(diffs, refs) if d.shape[0] > r.prompt_rows),
+                 default=0.0)
+    agree, margins, rows = 0, [], 0
+    for o, r in zip(outs, refs):
+        top2 = r.logits.topk(2, dim=-1).values
+        same = o.logits.argmax(-1) == r.logits.argmax(-1)
+        agree += int(same.sum())
+        rows += same.numel()
+        margins += [round(float(top2[i, 0] - top2[i, 1]), 4) for i in (~same).nonzero().flatten().tolist()]
+    ref_free, free = _greedy(ref_llm, prompts, new_tokens), _greedy(llm, prompts, new_tokens)
+    prefixes = [_common_prefix(a, b) for a, b in zip(ref_free, free)]
+    worst = max(prefill, decode)
+    return DtypeAccuracy(
+        dtype=str(llm.config.dtype), rel_err=worst / scale, prefill_rel_err=prefill / scale,
+        decode_rel_err=decode / scale, max_abs_diff=worst, rows=rows, argmax_agree=agree,
+        disagree_margins=sorted(margins), free_run_equal=sum(p == new_tokens for p in prefixes),
+        free_run_prefix=prefixes, prompts=len(prompts), new_tokens=new_tokens,
+    )
