@@ -37,8 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--tp", type=int, default=None, dest="tp_size", help="tensor-parallel ranks")
-    p.add_argument("--graph-decode", default=None, help="eager (default), full or piecewise")
-    p.add_argument("--graph-prefill", default=None, help="eager (default), breakable or piecewise")
+    p.add_argument("--graph-decode", default=None, help="full (default), piecewise or eager")
+    p.add_argument("--graph-prefill", default=None, help="breakable (default), piecewise or eager")
     p.add_argument("--prefill-sizes", type=_int_list, default=None, help="prefill token-count buckets")
     p.add_argument("--inductor-options", default=None, metavar="JSON_OR_PATH",
                    help='Inductor config for CPU graphs, e.g. \'{"freezing": true}\'')

@@ -10,7 +10,9 @@ from pathlib import Path
 from graphcap.compilation.config import CompilationConfig
 from graphcap.errors import UserError
 from graphcap.graph.config import (
+    DEFAULT_DECODE_MODE,
     DEFAULT_DECODE_SIZES,
+    DEFAULT_PREFILL_MODE,
     DEFAULT_PREFILL_SIZES,
     DecodeGraphConfig,
     PrefillGraphConfig,
@@ -25,8 +27,10 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     tp_size: int = 1
-    graph_decode: str = "eager"
-    graph_prefill: str = "eager"
+    # None: the default for a decoder, graphs (decode "full", prefill "breakable", as SGLang and vLLM default
+    # to graphs); encoders take graph_encoder instead. "eager" turns a phase's graphs off.
+    graph_decode: str | None = None
+    graph_prefill: str | None = None
     kv_cache_tokens: int | None = None  # None: derived from kv_cache_memory_fraction, or a default
     kv_cache_memory_fraction: float | None = None
     page_size: int = 16
@@ -58,7 +62,7 @@ class EngineConfig:
         if not isinstance(self.prefill_sizes, (list, tuple)):
             raise UserError(f"prefill_sizes must be a list of integers, got {self.prefill_sizes!r}")
         return PrefillGraphConfig(
-            mode=self.graph_prefill,
+            mode=self.graph_prefill or DEFAULT_PREFILL_MODE,
             sizes=tuple(self.prefill_sizes),
             max_padding_ratio=self.max_prefill_padding,
             select=self.graph_select,
@@ -72,7 +76,7 @@ class EngineConfig:
         if not isinstance(self.inductor_options, dict):
             raise UserError(f"inductor_options must be a mapping, got {self.inductor_options!r}")
         return DecodeGraphConfig(
-            mode=self.graph_decode,
+            mode=self.graph_decode or DEFAULT_DECODE_MODE,
             sizes=tuple(self.decode_sizes),
             max_batch_size=self.max_decode_batch_size,
             select=self.graph_select,

@@ -14,6 +14,9 @@ from graphcap import LLM, SamplingParams
 from graphcap.cli import main
 
 
+# The engine defaults to graphs; these tests are about the CLI, not capture.
+EAGER = ("--graph-decode", "eager", "--graph-prefill", "eager")
+
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -60,26 +63,26 @@ def test_unsupported_architecture(capsys, ckpt_copy, kit):
     (["--prompt-ids", "5", "--top-p", "0"], "top_p"),
     (["--prompt-ids", "5", "--top-p", "1.5"], "top_p"),
     (["--prompt-ids", "5", "--max-new-tokens", "0"], "max_new_tokens"),
-    (["--prompt", "hello"], "no tokenizer.json"),
+    (["--prompt", "hello"], "no tokenizer"),
     (["--prompt-ids", "5", "--kv-cache-tokens", "0"], "kv_cache_tokens"),
 ])
 def test_bad_inputs(capsys, llama_ckpt, extra, match):
-    code, out, err = run_cli(capsys, "generate", "--model", str(llama_ckpt.path), *extra)
+    code, out, err = run_cli(capsys, "generate", "--model", str(llama_ckpt.path), *EAGER, *extra)
     assert_user_error(code, err, match)
     assert out == ""
 
 
 def test_empty_text_prompt(capsys, nobos_ckpt):
-    code, _, err = run_cli(capsys, "generate", "--model", str(nobos_ckpt.path), "--prompt", "")
+    code, _, err = run_cli(capsys, "generate", "--model", str(nobos_ckpt.path), *EAGER, "--prompt", "")
     assert_user_error(code, err, "empty")
 
 
 def test_generate_json(capsys, llama_ckpt):
-    code, out, err = run_cli(capsys, "generate", "--model", str(llama_ckpt.path), "--prompt-ids", "5,6,7",
+    code, out, err = run_cli(capsys, "generate", "--model", str(llama_ckpt.path), *EAGER, "--prompt-ids", "5,6,7",
                              "--max-new-tokens", "6", "--ignore-eos", "--json", "--kv-cache-tokens", "256")
     assert code == 0 and err == ""
     data = json.loads(out)
-    with LLM(str(llama_ckpt.path), kv_cache_tokens=256) as llm:
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=256, graph_decode="eager", graph_prefill="eager") as llm:
         want = llm.generate(prompt_token_ids=[[5, 6, 7]],
                             sampling_params=SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
     assert data["token_ids"] == want.token_ids
@@ -88,10 +91,10 @@ def test_generate_json(capsys, llama_ckpt):
 
 
 def test_generate_text_prompt(capsys, tokenized_ckpt):
-    code, out, _ = run_cli(capsys, "generate", "--model", str(tokenized_ckpt.path), "--prompt", "the cat sat",
+    code, out, _ = run_cli(capsys, "generate", "--model", str(tokenized_ckpt.path), *EAGER, "--prompt", "the cat sat",
                            "--max-new-tokens", "5", "--ignore-eos", "--kv-cache-tokens", "256")
     assert code == 0
-    with LLM(str(tokenized_ckpt.path), kv_cache_tokens=256) as llm:
+    with LLM(str(tokenized_ckpt.path), kv_cache_tokens=256, graph_decode="eager", graph_prefill="eager") as llm:
         want = llm.generate(prompts="the cat sat", sampling_params=SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert out.strip() == want[0].text.strip() and out.strip()
 
@@ -104,7 +107,7 @@ def _python_m(*argv: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow  # a fresh interpreter importing torch: several seconds on a busy machine
 def test_python_m_graphcap_happy_path(llama_ckpt):
-    proc = _python_m("generate", "--model", str(llama_ckpt.path), "--prompt-ids", "5,6,7", "--max-new-tokens",
+    proc = _python_m("generate", "--model", str(llama_ckpt.path), *EAGER, "--prompt-ids", "5,6,7", "--max-new-tokens",
                      "4", "--ignore-eos", "--json", "--kv-cache-tokens", "256")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)

@@ -48,7 +48,7 @@ def test_pickle_only_checkpoint_refused_without_unpickling(ckpt_copy, tmp_path, 
     write_evil_bin(ckpt_copy, marker)
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
     with pytest.raises(UserError, match=r"(?i)pickle.*\n?.*convert") as err:
-        LLM(str(ckpt_copy))
+        LLM(str(ckpt_copy), graph_decode="eager", graph_prefill="eager")
     assert "save_pretrained" in str(err.value) and "safe_serialization" in str(err.value)
     assert not marker.exists()
 
@@ -68,7 +68,7 @@ def test_missing_directory():
 def test_file_instead_of_directory(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"x")
-    with pytest.raises(UserError, match="not a directory"):
+    with pytest.raises(UserError, match="neither a directory .HF checkpoint. nor a .gguf file"):
         resolve_source(str(f))
 
 
@@ -227,7 +227,7 @@ def test_preset_generation_is_deterministic():
     p = SamplingParams(max_new_tokens=6, ignore_eos=True)
     outs = []
     for _ in range(2):
-        with LLM("tiny", kv_cache_tokens=256) as llm:
+        with LLM("tiny", kv_cache_tokens=256, graph_decode="eager", graph_prefill="eager") as llm:
             outs.append(llm.generate(prompt_token_ids=[[1, 2, 3, 4]], sampling_params=p)[0].token_ids)
     assert outs[0] == outs[1]
 
@@ -235,7 +235,7 @@ def test_preset_generation_is_deterministic():
 def test_bfloat16_model_runs(llama_ckpt):
     """bf16 weights with the norms built in fp32 used to hand fp32 activations to bf16 linears."""
     p = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    with LLM(str(llama_ckpt.path), dtype="bfloat16", kv_cache_tokens=256) as llm:
+    with LLM(str(llama_ckpt.path), dtype="bfloat16", kv_cache_tokens=256, graph_decode="eager", graph_prefill="eager") as llm:
         assert all(t.dtype == torch.bfloat16 for t in llm.runner.model.state_dict().values())
         assert len(llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=p)[0].token_ids) == 4
 

@@ -43,7 +43,7 @@ def our_prefill_logits(llm: LLM, batch_prompts: list[list[int]]) -> list[torch.T
 @pytest.fixture(scope="module")
 def hf_and_llm(any_checkpoint, kit):
     hf = kit.load_hf(any_checkpoint)
-    with LLM(str(any_checkpoint.path), kv_cache_tokens=2048, page_size=8) as llm:
+    with LLM(str(any_checkpoint.path), kv_cache_tokens=2048, page_size=8, graph_decode="eager", graph_prefill="eager") as llm:
         yield hf, llm
 
 

@@ -89,7 +89,7 @@ def test_sampling_needs_no_generator():
 # -- the engine's seeds and stop rules -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llm(llama_ckpt):
-    with LLM(str(llama_ckpt.path), kv_cache_tokens=2048) as engine:
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=2048, graph_decode="eager", graph_prefill="eager") as engine:
         yield engine
 
 
@@ -150,13 +150,13 @@ def test_eos_stops_unless_ignored(llama_ckpt, llm, tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["eos_token_id"] = [full[i], 0]  # a list of EOS ids, as Llama 3 checkpoints have
     (path / "config.json").write_text(json.dumps(cfg))
-    with LLM(str(path), kv_cache_tokens=512) as eos_llm:
+    with LLM(str(path), kv_cache_tokens=512, graph_decode="eager", graph_prefill="eager") as eos_llm:
         assert gen(eos_llm, PROMPT, max_new_tokens=20) == (full[: i + 1], "stop")
         assert gen(eos_llm, PROMPT, max_new_tokens=20, ignore_eos=True) == (full, "length")
 
 
 def test_context_limit_ends_with_length(llama_ckpt):
-    with LLM(str(llama_ckpt.path), kv_cache_tokens=512, max_model_len=16) as small:
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=512, max_model_len=16, graph_decode="eager", graph_prefill="eager") as small:
         tokens, reason = gen(small, list(range(3, 13)), max_new_tokens=50, ignore_eos=True)
     assert len(tokens) == 6 and reason == "length"
 

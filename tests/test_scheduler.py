@@ -18,7 +18,7 @@ from graphcap.executor.kv_cache import PagePool
 @pytest.fixture(scope="module")
 def roomy(llama_ckpt):
     """An engine with room for everything: the reference for 'running alone'."""
-    with LLM(str(llama_ckpt.path), kv_cache_tokens=4096, page_size=4) as llm:
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=4096, page_size=4, graph_decode="eager", graph_prefill="eager") as llm:
         yield llm
 
 
@@ -33,7 +33,7 @@ def test_flood_completes_in_order_and_equals_alone(llama_ckpt, roomy, kit):
     params = [SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=0.0 if i % 2 else 0.9, seed=i)
               for i in range(len(batch))]
     with LLM(str(llama_ckpt.path), kv_cache_tokens=64, page_size=4, max_running_requests=4,
-             max_prefill_tokens=24) as llm:
+             max_prefill_tokens=24, graph_decode="eager", graph_prefill="eager") as llm:
         outs = llm.generate(prompt_token_ids=batch, sampling_params=params)
         stats = llm.stats()
         assert stats["kv_cache"]["free_pages"] == stats["kv_cache"]["pages"], "pages leaked"
@@ -48,7 +48,7 @@ def test_preemption_is_forced_and_harmless(llama_ckpt, roomy, kit):
     batch = kit.prompts(2, seed=11, lo=8, hi=9)
     params = [SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=0.8, seed=7),
               SamplingParams(max_new_tokens=12, ignore_eos=True)]
-    with LLM(str(llama_ckpt.path), kv_cache_tokens=24, page_size=4) as llm:
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=24, page_size=4, graph_decode="eager", graph_prefill="eager") as llm:
         outs = llm.generate(prompt_token_ids=batch, sampling_params=params)
         assert llm.stats()["preemptions"] > 0
         assert llm.stats()["kv_cache"]["free_pages"] == 6
@@ -58,7 +58,7 @@ def test_preemption_is_forced_and_harmless(llama_ckpt, roomy, kit):
 def test_chunked_prefill_equals_unchunked(llama_ckpt, roomy, kit):
     batch = kit.prompts(3, seed=12, lo=20, hi=40)
     params = [SamplingParams(max_new_tokens=10, ignore_eos=True)] * 3
-    with LLM(str(llama_ckpt.path), kv_cache_tokens=1024, page_size=4, max_prefill_tokens=7) as llm:
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=1024, page_size=4, max_prefill_tokens=7, graph_decode="eager", graph_prefill="eager") as llm:
         outs = llm.generate(prompt_token_ids=batch, sampling_params=params)
         # every prompt is longer than the budget, so it must have been split over several steps
         assert llm.stats()["prefill_steps"] >= sum(len(p) for p in batch) // 7
@@ -69,7 +69,7 @@ def test_chunked_prefill_equals_unchunked(llama_ckpt, roomy, kit):
 def test_request_too_big_for_cache_is_refused_up_front(llama_ckpt):
     from graphcap import UserError
 
-    with LLM(str(llama_ckpt.path), kv_cache_tokens=16, page_size=4) as llm:
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=16, page_size=4, graph_decode="eager", graph_prefill="eager") as llm:
         with pytest.raises(UserError, match="kv_cache_tokens"):
             llm.generate(prompt_token_ids=[[5] * 10], sampling_params=SamplingParams(max_new_tokens=20))
 
@@ -201,7 +201,7 @@ def test_preempted_request_recomputes_prompt_and_outputs():
 def test_generate_steps_match_scheduler_invariants(llama_ckpt, kit):
     """Drive LLM.step by hand and check that page ownership stays disjoint at every step."""
     with LLM(str(llama_ckpt.path), kv_cache_tokens=40, page_size=4, max_running_requests=3,
-             max_prefill_tokens=9) as llm:
+             max_prefill_tokens=9, graph_decode="eager", graph_prefill="eager") as llm:
         params = SamplingParams(max_new_tokens=8, ignore_eos=True)
         reqs = [llm._make_request(p, params) for p in kit.prompts(6, seed=13, lo=4, hi=12)]
         for r in reqs:

@@ -41,8 +41,23 @@ class Trace:
 
 
 @dataclass
+class Reference:
+    """The float32 engine's traces (greedy continuation) and free-running greedy outputs of some prompts."""
+
+    prompts: list[list[int]]
+    traces: list[Trace]
+    free_run: list[list[int]]
+    new_tokens: int
+
+    @property
+    def scale(self) -> float:
+        return max(float(t.logits.abs().max()) for t in self.traces)
+
+
+@dataclass
 class DtypeAccuracy:
     dtype: str
+    mode: str  # "eager", or the graph mode whose dispatch the steps went through
     rel_err: float  # max |logits - fp32| / max |fp32|, all rows
     prefill_rel_err: float
     decode_rel_err: float
@@ -54,6 +69,7 @@ class DtypeAccuracy:
     free_run_prefix: list[int] = field(default_factory=list)  # identical leading tokens per prompt
     prompts: int = 0
     new_tokens: int = 0
+    graph_steps: int = 0  # of the compared steps, how many replayed a graph (the rest ran eagerly)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -69,18 +85,23 @@ def accuracy_prompts(llm, n: int = 4) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def trace(llm, prompt: list[int], new_tokens: int, continuation: list[int] | None = None) -> Trace:
-    """Eager logits of every prompt position, then of each decode step feeding `continuation` (or, when
-    None, this engine's own greedy tokens). Pages come from the engine's pool and go back zeroed."""
+def trace(llm, prompt: list[int], new_tokens: int, continuation: list[int] | None = None,
+          graphs: bool = False) -> Trace:
+    """Logits of every prompt position, then of each decode step feeding `continuation` (or, when None,
+    this engine's own greedy tokens). Eager by default; with `graphs`, every step goes through the
+    engine's dispatch (`ModelRunner.forward`: its graph where one fits) and the prefill yields only the last
+    prompt position, as in serving. Pages come from the engine's pool and go back zeroed."""
     mr = llm.runner
+    step_fn = mr.forward if graphs else mr.forward_eager
     pool = mr.pool
     pages = pool.alloc(pool.pages_for(len(prompt) + new_tokens))
     if pages is None:
         raise RuntimeError("KV cache too small for the accuracy probe")
     try:
         batch = mr.make_batch(ForwardMode.PREFILL, [prompt], [0], [pages])
-        batch.select = torch.arange(len(prompt), device=batch.input_ids.device)
-        rows = [mr.forward_eager(batch).float()]
+        if not graphs:
+            batch.select = torch.arange(len(prompt), device=batch.input_ids.device)
+        rows = [step_fn(batch).float()]
         tokens: list[int] = []
         for step in range(new_tokens):
             tok = int(rows[-1][-1].argmax()) if continuation is None else continuation[step]
@@ -88,8 +109,8 @@ def trace(llm, prompt: list[int], new_tokens: int, continuation: list[int] | Non
             if step == new_tokens - 1:
                 break
             batch = mr.make_batch(ForwardMode.DECODE, [[tok]], [len(prompt) + step], [pages])
-            rows.append(mr.forward_eager(batch).float())
-        return Trace(torch.cat(rows).cpu(), len(prompt), tokens)
+            rows.append(step_fn(batch).float())
+        return Trace(torch.cat(rows).cpu(), rows[0].shape[0], tokens)
     finally:
         slots = (torch.tensor(pages).unsqueeze(-1) * mr.page_size + torch.arange(mr.page_size)).reshape(-1)
         for cache in mr.kv_cache.k + mr.kv_cache.v:
@@ -113,28 +134,43 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def compare_dtypes(ref_llm, llm, prompts: list[list[int]], new_tokens: int = 32) -> DtypeAccuracy:
-    """`llm` (reduced precision) against `ref_llm` (float32) on the same prompts, as the module says."""
-    refs = [trace(ref_llm, p, new_tokens) for p in prompts]
-    outs = [trace(llm, p, new_tokens, r.continuation) for p, r in zip(prompts, refs)]
-    scale = max(float(r.logits.abs().max()) for r in refs)
-    diffs = [(o.logits - r.logits).abs() for o, r in zip(outs, refs)]
-    prefill = max(float(d[: r.prompt_rows].max()) for d, r in zip(diffs, refs))
-    decode = max((float(d[r.prompt_rows:].max()) for d, r in zip(diffs, refs) if d.shape[0] > r.prompt_rows),
-                 default=0.0)
-    agree, margins, rows = 0, [], 0
-    for o, r in zip(outs, refs):
-        top2 = r.logits.topk(2, dim=-1).values
-        same = o.logits.argmax(-1) == r.logits.argmax(-1)
+def reference(ref_llm, prompts: list[list[int]], new_tokens: int = 32) -> Reference:
+    """The float32 side, computed once for every engine compared against it."""
+    return Reference(prompts, [trace(ref_llm, p, new_tokens) for p in prompts], _greedy(ref_llm, prompts, new_tokens),
+                     new_tokens)
+
+
+def _replays(llm) -> int:
+    stats = llm.stats()
+    return sum((stats.get(phase) or {}).get("replays", 0) for phase in ("decode", "prefill"))
+
+
+def compare_dtypes(ref: Reference, llm, graphs: bool = False, mode: str = "eager") -> DtypeAccuracy:
+    """`llm` (reduced precision) against the float32 reference on the same prompts, as the module says;
+    with `graphs`, through the engine's graph dispatch (see `trace`)."""
+    replays0 = _replays(llm)
+    outs = [trace(llm, p, ref.new_tokens, r.continuation, graphs) for p, r in zip(ref.prompts, ref.traces)]
+    free = _greedy(llm, ref.prompts, ref.new_tokens)
+    graph_steps = _replays(llm) - replays0
+    pre_rows, dec_rows, agree, margins, rows = [], [], 0, [], 0
+    for o, r in zip(outs, ref.traces):
+        base = r.logits[r.prompt_rows - o.prompt_rows:]  # a graph trace has only the last prompt row
+        diff = (o.logits - base).abs().amax(-1)
+        pre_rows.append(diff[: o.prompt_rows])
+        dec_rows.append(diff[o.prompt_rows:])
+        top2 = base.topk(2, dim=-1).values
+        same = o.logits.argmax(-1) == base.argmax(-1)
         agree += int(same.sum())
         rows += same.numel()
         margins += [round(float(top2[i, 0] - top2[i, 1]), 4) for i in (~same).nonzero().flatten().tolist()]
-    ref_free, free = _greedy(ref_llm, prompts, new_tokens), _greedy(llm, prompts, new_tokens)
-    prefixes = [_common_prefix(a, b) for a, b in zip(ref_free, free)]
-    worst = max(prefill, decode)
+    decode_diffs = torch.cat(dec_rows)
+    prefill = float(torch.cat(pre_rows).max())
+    decode = float(decode_diffs.max()) if decode_diffs.numel() else 0.0
+    prefixes = [_common_prefix(a, b) for a, b in zip(ref.free_run, free)]
+    scale, worst = ref.scale, max(prefill, decode)
     return DtypeAccuracy(
-        dtype=str(llm.config.dtype), rel_err=worst / scale, prefill_rel_err=prefill / scale,
+        dtype=str(llm.config.dtype), mode=mode, rel_err=worst / scale, prefill_rel_err=prefill / scale,
         decode_rel_err=decode / scale, max_abs_diff=worst, rows=rows, argmax_agree=agree,
-        disagree_margins=sorted(margins), free_run_equal=sum(p == new_tokens for p in prefixes),
-        free_run_prefix=prefixes, prompts=len(prompts), new_tokens=new_tokens,
+        disagree_margins=sorted(margins), free_run_equal=sum(p == ref.new_tokens for p in prefixes),
+        free_run_prefix=prefixes, prompts=len(ref.prompts), new_tokens=ref.new_tokens, graph_steps=graph_steps,
     )

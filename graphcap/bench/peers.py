@@ -1,5 +1,7 @@
 """Peers on the identical weights: HF transformers `generate`, eager and (behind a flag) static cache +
-`torch.compile`. Presets are exported to a temporary HF checkpoint so both sides read the same tensors."""
+`torch.compile`, in the engine's dtype. Random presets are exported to a temporary HF checkpoint, GGUF
+files (the `smollm2` preset names one) are read by HF's own GGUF loader, which dequantises the same blocks
+with the same `gguf` package, so both sides compute on the same tensors."""
 
 from __future__ import annotations
 
@@ -9,35 +11,61 @@ from pathlib import Path
 import torch
 
 from graphcap.bench.e2e import NEW_TOKENS, Contender
+from graphcap.checkpoints.gguf import is_gguf_path
+from graphcap.executor.loader import REAL_PRESETS
 from graphcap.executor.presets import PRESETS, export_preset
 
 
-def _load_hf(model: str):
+def model_source(model: str) -> str:
+    """Where a model's weights come from, for the report: a GGUF file or directory path, or the preset."""
+    if model in PRESETS:
+        return f"preset {model} (random weights, fixed seed)"
+    if model in REAL_PRESETS:
+        return str(REAL_PRESETS[model]())
+    return str(Path(model).expanduser().resolve())
+
+
+def gguf_file(model: str) -> Path | None:
+    """The GGUF file behind a model name (a real preset or a .gguf path), else None."""
+    if model in REAL_PRESETS:
+        return REAL_PRESETS[model]()
+    if model not in PRESETS and is_gguf_path(model):
+        return Path(model).expanduser()
+    return None
+
+
+def _load_hf(model: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
+    gguf = gguf_file(model)
+    if gguf is not None:
+        # HF dequantises to float32 first; cast afterwards, as graphcap does.
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        return hf.to(dtype).eval()
     if model not in PRESETS:
-        return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(Path(model).expanduser()), dtype=dtype).eval()
     with tempfile.TemporaryDirectory(prefix="graphcap-bench-") as tmp:
         path = export_preset(model, Path(tmp) / model)
-        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
         # Own the tensors before the directory (and any file mapping behind them) goes away.
         for p in hf.parameters():
             p.data = p.data.clone()
         return hf
 
 
-def hf_contenders(model: str, compile_too: bool, notes: list[str]) -> list[Contender]:
+def hf_contenders(model: str, compile_too: bool, notes: list[str],
+                  dtype: torch.dtype = torch.float32) -> list[Contender]:
     """HF peers, or none (with a note) when transformers is not installed."""
     try:
         import transformers
     except ImportError:
         notes.append("HF transformers is not installed; peer rows skipped (pip install graphcap[bench])")
         return []
-    hf = _load_hf(model)
+    hf = _load_hf(model, dtype)
     attn = getattr(hf.config, "_attn_implementation", "default")
     out = [Contender("peer", f"hf-{transformers.__version__}-eager({attn})", _generate_fn(hf, {}))]
     if compile_too:
-        compiled = _load_hf(model)
+        compiled = _load_hf(model, dtype)
         compiled.forward = torch.compile(compiled.forward, dynamic=False)
         out.append(Contender("peer", "hf-static-cache+compile", _generate_fn(compiled,
                                                                             {"cache_implementation": "static"})))
@@ -45,7 +73,8 @@ def hf_contenders(model: str, compile_too: bool, notes: list[str]) -> list[Conte
 
 
 def _generate_fn(hf, extra: dict):
-    """Greedy, exactly NEW_TOKENS per request: `min_new_tokens` keeps EOS from ending a request early."""
+    """Greedy, exactly NEW_TOKENS per request: `min_new_tokens` keeps EOS (every id the model's generation
+    config lists) from ending a request early, as `ignore_eos` does on our side."""
 
     @torch.inference_mode()
     def generate(prompts: list[list[int]]) -> list[list[int]]:

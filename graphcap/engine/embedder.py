@@ -148,7 +148,7 @@ def _check_images(spec: EncoderInputs, images) -> torch.Tensor:
 
 class Embedder:
     def __init__(self, cfg: EngineConfig) -> None:
-        if cfg.graph_decode != "eager" or cfg.graph_prefill != "eager":
+        if cfg.graph_decode not in (None, "eager") or cfg.graph_prefill not in (None, "eager"):
             raise UserError(f"{cfg.model!r} is an encoder; set graph_encoder= instead of graph_decode/graph_prefill")
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("device='cuda' was requested but no CUDA device is available")

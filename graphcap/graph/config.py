@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from graphcap.errors import UserError
 
 DECODE_MODES = ("eager", "full", "piecewise")
+DEFAULT_DECODE_MODE = "full"
 SELECT_MODES = ("auto", "always")
 VERIFY_MODES = ("warn", "strict", "off")
 # On CPU every bucket above 1 shares one compile (a dynamic batch dimension), so a bucket costs only its
@@ -78,6 +79,7 @@ class EncoderGraphConfig:
 
 
 PREFILL_MODES = ("eager", "breakable", "piecewise")
+DEFAULT_PREFILL_MODE = "breakable"
 DEFAULT_PREFILL_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 

@@ -146,7 +146,7 @@ def test_engine_attends_with_the_kernels_and_matches_torch_ops() -> None:
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     outs = {}
     for kernels in (True, False):
-        with LLM("tiny", kv_cache_tokens=512, cpu_kernels=kernels) as llm:
+        with LLM("tiny", kv_cache_tokens=512, cpu_kernels=kernels, graph_decode="eager", graph_prefill="eager") as llm:
             outs[kernels] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
             assert llm.stats()["attention_kernel"] == ("cpp" if kernels else "torch")
     assert outs[True] == outs[False]
@@ -164,7 +164,7 @@ def test_the_opaque_op_uses_the_kernels_only_for_engines_that_chose_them() -> No
     """Piecewise graphs reach attention through `graphcap::attention`; it follows the engine's choice per cache."""
     from graphcap.attention import op
 
-    with LLM("tiny", kv_cache_tokens=256) as on, LLM("tiny", kv_cache_tokens=256, cpu_kernels=False) as off:
+    with LLM("tiny", kv_cache_tokens=256, graph_decode="eager", graph_prefill="eager") as on, LLM("tiny", kv_cache_tokens=256, cpu_kernels=False, graph_decode="eager", graph_prefill="eager") as off:
         on_keys, off_keys = set(on.runner.kv_cache.keys), set(off.runner.kv_cache.keys)
         assert on_keys <= op._KERNEL_KEYS and not off_keys & op._KERNEL_KEYS
     assert not on_keys & op._KERNEL_KEYS  # released with the engine

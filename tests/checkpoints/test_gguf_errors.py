@@ -95,7 +95,7 @@ def test_vocabulary_embedding_mismatch(tmp_path, kit):
 
 
 def test_missing_chat_template(good_file):
-    with LLM(str(good_file), kv_cache_tokens=256) as llm, pytest.raises(UserError, match="no chat template"):
+    with LLM(str(good_file), kv_cache_tokens=256, graph_decode="eager", graph_prefill="eager") as llm, pytest.raises(UserError, match="no chat template"):
         llm.chat([{"role": "user", "content": "hi"}])
 
 
@@ -103,7 +103,7 @@ def test_chat_uses_the_files_template(tmp_path, kit):
     """The GGUF's template renders the prompt, and the turn-end token (here "ab", id 255) stops generation."""
     path = write_gguf(kit.build_hf("llama_gqa", seed=1), tmp_path / "chat.gguf", Q.F32,
                       chat_template=CHATML.replace("<|im_end|>", "ab"))
-    with LLM(str(path), kv_cache_tokens=512) as llm:
+    with LLM(str(path), kv_cache_tokens=512, graph_decode="eager", graph_prefill="eager") as llm:
         msgs = [{"role": "user", "content": "hi"}]
         out = llm.chat(msgs, SamplingParams(max_new_tokens=4))[0]
         expected = llm.tokenizer.encode("<|im_start|>user\nhiab\n<|im_start|>assistant\n", add_special_tokens=False)

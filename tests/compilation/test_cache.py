@@ -51,7 +51,7 @@ def test_cli_cache_flags_reach_the_compilation_config(tmp_path) -> None:
     assert cc.pass_config.enable_noop is False
 
 
-COMMON = dict(graph_decode="piecewise", decode_sizes=[2], graph_select="always", max_running_requests=2,
+COMMON = dict(graph_decode="piecewise", graph_prefill="eager", decode_sizes=[2], graph_select="always", max_running_requests=2,
               kv_cache_tokens=256, max_model_len=64)
 
 
@@ -81,7 +81,7 @@ def test_fp8_piecewise_runs_the_passes_and_matches_eager(llama_ckpt, tmp_path) -
     with LLM(str(llama_ckpt.path), cache_dir=str(tmp_path), **common) as llm:
         got = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
         stats = llm.stats()
-    with LLM(str(llama_ckpt.path), quantization="fp8", **{k: v for k, v in COMMON.items() if k != "graph_decode"}) as eager:
+    with LLM(str(llama_ckpt.path), quantization="fp8", **dict(COMMON, graph_decode="eager")) as eager:
         want = [o.token_ids for o in eager.generate(prompt_token_ids=prompts, sampling_params=params)]
     # the passes ran on the pieces (the cache was cold): each RMSNorm feeding a quantised linear fused, one in
     # the first piece, two in the middle one, one in the last (test_piecewise_fp8 checks the graphs)

@@ -11,7 +11,7 @@ from graphcap import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 
-COMMON = dict(max_running_requests=4, kv_cache_tokens=1024, max_model_len=128)
+COMMON = dict(max_running_requests=4, kv_cache_tokens=1024, max_model_len=128, graph_prefill="eager")
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def engines(llama_ckpt, tmp_path_factory):
     cache = tmp_path_factory.mktemp("compile_cache")
     piecewise = LLM(str(llama_ckpt.path), graph_decode="piecewise", decode_sizes=[4], graph_select="always",
                     graph_verify="strict", cache_dir=str(cache), **COMMON)
-    eager = LLM(str(llama_ckpt.path), **COMMON)
+    eager = LLM(str(llama_ckpt.path), graph_decode="eager", **COMMON)
     yield piecewise, eager
     piecewise.shutdown()
     eager.shutdown()

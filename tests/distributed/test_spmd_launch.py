@@ -24,7 +24,9 @@ RANDOM = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=1.0)  # n
 
 def _generate_on_rank(rank: int, world: int, graph_decode: str) -> dict:
     torch.manual_seed(rank)  # unseeded sampling would diverge if ranks sampled independently
-    kwargs = {"graph_decode": "full", "decode_sizes": [4], "graph_select": "always"} if graph_decode == "full" else {}
+    kwargs = {"graph_decode": graph_decode, "graph_prefill": "eager"}
+    if graph_decode == "full":
+        kwargs.update(decode_sizes=[4], graph_select="always")
     with LLM("tiny", tp_size=world, kv_cache_tokens=1024, **kwargs) as llm:
         greedy = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
         sampled = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=RANDOM)]
@@ -37,7 +39,7 @@ def _generate_on_rank(rank: int, world: int, graph_decode: str) -> dict:
 
 @pytest.mark.parametrize("graph_decode", ["eager", "full"])
 def test_launched_ranks_equal_tp1_and_agree_on_samples(spawn_ranks, graph_decode) -> None:
-    with LLM("tiny", kv_cache_tokens=1024) as single:
+    with LLM("tiny", kv_cache_tokens=1024, graph_decode="eager", graph_prefill="eager") as single:
         want = [o.token_ids for o in single.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
     ranks = spawn_ranks(_generate_on_rank, 2, args=(graph_decode,), timeout_s=240)
     assert [r["greedy"] for r in ranks] == [want, want]
@@ -52,7 +54,7 @@ def test_launched_ranks_equal_tp1_and_agree_on_samples(spawn_ranks, graph_decode
 
 
 def _wrong_tp_size(rank: int, world: int) -> None:
-    LLM("tiny", tp_size=world + 1, kv_cache_tokens=512)
+    LLM("tiny", tp_size=world + 1, kv_cache_tokens=512, graph_decode="eager", graph_prefill="eager")
 
 
 def test_tp_size_other_than_the_launched_world_is_refused(spawn_ranks_raw) -> None:
@@ -61,7 +63,7 @@ def test_tp_size_other_than_the_launched_world_is_refused(spawn_ranks_raw) -> No
 
 
 def _different_prompts(rank: int, world: int) -> None:
-    with LLM("tiny", tp_size=world, kv_cache_tokens=512) as llm:
+    with LLM("tiny", tp_size=world, kv_cache_tokens=512, graph_decode="eager", graph_prefill="eager") as llm:
         llm.generate(prompt_token_ids=[[1, 2, 3 + rank]], sampling_params=GREEDY)
 
 
@@ -87,7 +89,8 @@ def test_launched_ranks_shard_an_encoder_and_equal_tp1(spawn_ranks) -> None:
 
 
 def test_torchrun_cli_generate_prints_once_and_matches_tp1() -> None:
-    args = ["generate", "--model", "tiny", "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--ignore-eos",
+    args = ["generate", "--model", "tiny", "--graph-decode", "eager", "--graph-prefill", "eager", "--prompt-ids", "5,6,7",
+            "--max-new-tokens", "6", "--ignore-eos",
             "--kv-cache-tokens", "512", "--json"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     single = subprocess.run([sys.executable, "-m", "graphcap", *args], capture_output=True, text=True, env=env,
@@ -109,7 +112,7 @@ def _only_rank0_generates(rank: int, world: int) -> None:
     from graphcap.executor import spmd_executor
 
     spmd_executor.COLLECTIVE_TIMEOUT_S = 5.0  # the bound every collective of the launch gets
-    with LLM("tiny", tp_size=world, kv_cache_tokens=512) as llm:
+    with LLM("tiny", tp_size=world, kv_cache_tokens=512, graph_decode="eager", graph_prefill="eager") as llm:
         if rank == 0:
             llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=GREEDY)
         else:
@@ -122,7 +125,7 @@ def test_a_rank_that_never_calls_generate_ends_the_others_with_a_clear_error(spa
 
 
 def _configured_differently(rank: int, world: int) -> None:
-    LLM("tiny", tp_size=world, kv_cache_tokens=512 + 16 * rank)
+    LLM("tiny", tp_size=world, kv_cache_tokens=512 + 16 * rank, graph_decode="eager", graph_prefill="eager")
 
 
 def test_ranks_configured_differently_are_refused_at_start(spawn_ranks_raw) -> None:

@@ -29,10 +29,10 @@ def _prefill_logits(llm: LLM) -> torch.Tensor:
 
 @pytest.mark.parametrize("model", ["tiny", "small"])
 def test_tp2_eager_equals_tp1(model) -> None:
-    with LLM(model, kv_cache_tokens=1024) as single:
+    with LLM(model, kv_cache_tokens=1024, graph_decode="eager", graph_prefill="eager") as single:
         want_logits = _prefill_logits(single)
         want = [o.token_ids for o in single.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
-    with LLM(model, tp_size=2, kv_cache_tokens=1024) as tp:
+    with LLM(model, tp_size=2, kv_cache_tokens=1024, graph_decode="eager", graph_prefill="eager") as tp:
         got_logits = _prefill_logits(tp)
         got = [o.token_ids for o in tp.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
         stats = tp.stats()
@@ -43,7 +43,7 @@ def test_tp2_eager_equals_tp1(model) -> None:
 
 @pytest.mark.parametrize("model", ["tiny", "small"])
 def test_tp2_graphs_equal_tp1_and_collectives_in_graphs_take_the_capture_path(model) -> None:
-    with LLM(model, kv_cache_tokens=1024) as single:
+    with LLM(model, kv_cache_tokens=1024, graph_decode="eager", graph_prefill="eager") as single:
         want_logits = _prefill_logits(single)
         want = [o.token_ids for o in single.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
     with LLM(model, tp_size=2, kv_cache_tokens=1024, graph_decode="full", decode_sizes=[4],
@@ -59,7 +59,7 @@ def test_tp2_graphs_equal_tp1_and_collectives_in_graphs_take_the_capture_path(mo
 
 
 def test_killing_a_rank_ends_the_run_with_an_error() -> None:
-    llm = LLM("tiny", tp_size=2, kv_cache_tokens=1024)
+    llm = LLM("tiny", tp_size=2, kv_cache_tokens=1024, graph_decode="eager", graph_prefill="eager")
     try:
         os.kill(llm.runner.group.procs[1].pid, signal.SIGKILL)
         start = time.monotonic()
@@ -74,7 +74,8 @@ def test_killing_a_rank_ends_the_run_with_an_error() -> None:
 def test_cli_generate_tp2_matches_tp1(capsys) -> None:
     outputs = []
     for tp in ("1", "2"):
-        assert main(["generate", "--model", "tiny", "--prompt-ids", "5,6,7", "--max-new-tokens", "6",
+        assert main(["generate", "--model", "tiny", "--graph-decode", "eager", "--graph-prefill", "eager",
+                     "--prompt-ids", "5,6,7", "--max-new-tokens", "6",
                      "--ignore-eos", "--tp", tp, "--kv-cache-tokens", "512", "--json"]) == 0
         outputs.append(json.loads(capsys.readouterr().out)["token_ids"])
     assert outputs[0] == outputs[1]
@@ -86,7 +87,7 @@ def test_tp2_piecewise_with_allreduce_rmsnorm_fusion_equals_tp1(model) -> None:
     and custom RMSNorm ops, the all-reduce+RMSNorm fusion has patterns to fire on."""
     compilation = {"splitting_ops": ["graphcap::attention"], "custom_ops": ["rms_norm"],
                    "pass_config": {"enable_allreduce_rms_fusion": True}}
-    with LLM(model, kv_cache_tokens=1024) as single:
+    with LLM(model, kv_cache_tokens=1024, graph_decode="eager", graph_prefill="eager") as single:
         want_logits = _prefill_logits(single)
         want = [o.token_ids for o in single.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
     with LLM(model, tp_size=2, kv_cache_tokens=1024, graph_decode="piecewise", decode_sizes=[4],

@@ -136,7 +136,7 @@ def test_encoder_api_errors(llm) -> None:
 
 def test_embed_on_a_decoder_is_refused(llama_ckpt) -> None:
     assert not is_encoder_checkpoint(str(llama_ckpt.path))
-    with LLM(str(llama_ckpt.path), kv_cache_tokens=256) as dec:
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=256, graph_decode="eager", graph_prefill="eager") as dec:
         with pytest.raises(UserError, match="no embed"):
             dec.embed(["hello"])
 

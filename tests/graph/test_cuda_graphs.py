@@ -22,7 +22,7 @@ def cuda_llm(llama_ckpt):
 
 @pytest.fixture(scope="module")
 def cuda_eager(llama_ckpt):
-    with LLM(str(llama_ckpt.path), device="cuda", max_prefill_tokens=128, kv_cache_tokens=4096) as llm:
+    with LLM(str(llama_ckpt.path), device="cuda", max_prefill_tokens=128, kv_cache_tokens=4096, graph_decode="eager", graph_prefill="eager") as llm:
         yield llm
 
 
@@ -73,7 +73,7 @@ def test_generation_matches_eager(cuda_llm, cuda_eager, kit) -> None:
 def test_piecewise_decode_cuda_graph_per_piece_matches_eager(llama_ckpt) -> None:
     """`piecewise` on CUDA: each compiled piece is a CUDA graph per size, attention eager between them."""
     with LLM(str(llama_ckpt.path), device="cuda", graph_decode="piecewise", decode_sizes=[1, 4],
-             graph_select="always", kv_cache_tokens=4096, use_cache=False) as llm:
+             graph_select="always", kv_cache_tokens=4096, use_cache=False, graph_prefill="eager") as llm:
         assert llm.stats()["decode"]["captured"] == [1, 4]
         for batch_size in (1, 3, 4):
             _assert_decode_replay_matches_eager(llm, batch_size, seed=40 + batch_size, max_context=70)

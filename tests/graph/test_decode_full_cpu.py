@@ -23,13 +23,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def graph_llm(llama_ckpt):
     with LLM(str(llama_ckpt.path), graph_decode="full", decode_sizes=[2, 4], graph_select="always",
-             kv_cache_tokens=4096, max_running_requests=8) as llm:
+             kv_cache_tokens=4096, max_running_requests=8, graph_prefill="eager") as llm:
         yield llm
 
 
 @pytest.fixture(scope="module")
 def eager_llm(llama_ckpt):
-    with LLM(str(llama_ckpt.path), kv_cache_tokens=4096, max_running_requests=8) as llm:
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=4096, max_running_requests=8, graph_decode="eager", graph_prefill="eager") as llm:
         yield llm
 
 

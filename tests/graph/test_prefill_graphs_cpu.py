@@ -21,13 +21,13 @@ BUCKETS = [32, 64, 128]
 @pytest.fixture(scope="module", params=["breakable", "piecewise"])
 def graph_llm(request, llama_ckpt):
     with LLM(str(llama_ckpt.path), graph_prefill=request.param, prefill_sizes=BUCKETS, max_prefill_tokens=128,
-             graph_select="always", kv_cache_tokens=4096, use_cache=False) as llm:
+             graph_select="always", kv_cache_tokens=4096, use_cache=False, graph_decode="eager") as llm:
         yield llm
 
 
 @pytest.fixture(scope="module")
 def eager_llm(llama_ckpt):
-    with LLM(str(llama_ckpt.path), max_prefill_tokens=128, kv_cache_tokens=4096) as llm:
+    with LLM(str(llama_ckpt.path), max_prefill_tokens=128, kv_cache_tokens=4096, graph_decode="eager", graph_prefill="eager") as llm:
         yield llm
 
 

@@ -14,7 +14,7 @@ from graphcap.graph.runners.prefill import PrefillGraphRunner
 
 @pytest.fixture(scope="module")
 def llm(llama_ckpt):
-    with LLM(str(llama_ckpt.path), kv_cache_tokens=2048) as engine:
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=2048, graph_decode="eager", graph_prefill="eager") as engine:
         yield engine
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def layers():
-    with LLM("tiny", kv_cache_tokens=256) as llm:
+    with LLM("tiny", kv_cache_tokens=256, graph_decode="eager", graph_prefill="eager") as llm:
         yield list(llm.runner.model.layers)
 
 
