@@ -233,5 +233,5 @@ class EncoderGraphRunner(BucketedGraphRunner):
         bs, seq = bucket
         return [probes.batch(bs, seq, full=True), probes.batch(max(1, bs - 1), seq, full=False)]
 
-    def _timing_batch(self, bucket: Bucket, probes: EncoderProbes):  # type: ignore[override]
-        return probes.batch(*bucket, full=True)
+    def _timing_batches(self, bucket: Bucket, probes: EncoderProbes) -> list:  # type: ignore[override]
+        return [probes.batch(*bucket, full=True)]
