@@ -20,3 +20,30 @@ def hf_smollm2_tokenizer(smollm2_gguf: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_graphs():
+    """SmolLM2 in the engine's default graph modes (decode `full`, prefill `breakable`, default buckets)."""
+    from graphcap import LLM
+
+    with LLM("smollm2", kv_cache_tokens=8192) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="session")
+def smollm2_eager():
+    from graphcap import LLM
+
+    with LLM("smollm2", graph_decode="eager", graph_prefill="eager", kv_cache_tokens=8192) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf: Path):
+    """HF transformers' model loaded from the same GGUF file (it dequantises through the same package)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32).eval()
