@@ -34,7 +34,7 @@ PROBE = r"""
 import json, sys
 import torch
 import graphcap
-from graphcap.compilation.cache import default_cache_dir
+from graphcap.common.digest import default_cache_dir
 from graphcap.ops import cpu_kernels
 from graphcap.attention import torch_native
 

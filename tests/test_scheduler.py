@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from graphcap import LLM, SamplingParams
 from graphcap.engine.request import Request, Status
 from graphcap.engine.scheduler import ScheduledBatch, Scheduler
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 from graphcap.executor.kv_cache import PagePool
 
 

@@ -177,7 +177,7 @@ class _CudaGraphPiece:
     piece graphs keep their addresses, so they cost nothing."""
 
     def __init__(self, fn: Callable, args: tuple, pool: Any) -> None:
-        from graphcap.graph.backends.cuda_graph import capture_graph
+        from graphcap.common.cuda_graph import capture_graph
 
         self.inputs = [a if isinstance(a, torch.Tensor) else None for a in args]
         self.graph, self.out = capture_graph(fn, args, pool)

@@ -12,46 +12,23 @@ pass manager (which hashes the passes' source), the torch version and graphcap's
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
-import graphcap
+from graphcap.common.digest import default_cache_dir, source_digest
 from graphcap.compilation.config import CompilationConfig
 
 MANIFEST = "manifest.json"
 
 
-def default_cache_dir() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("graphcap"))
-
-
-@functools.cache
-def source_digest() -> str:
-    """Hash of every graphcap source file: an edit anywhere in the engine can change traced graphs."""
-    root = Path(graphcap.__file__).parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 def cache_key(model_digest: str, config: CompilationConfig, pass_uuid: str) -> str:
     parts = [model_digest, config.digest(), pass_uuid, torch.__version__, source_digest()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
-
-
-def digest_of(obj: Any) -> str:
-    """Stable hash of a JSON-able description (dataclass dicts, dtypes and devices become strings)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class ArtifactCache:

@@ -7,18 +7,13 @@ rather than from Python's `hash`, which changes from process to process.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from graphcap.common.digest import digest_of
 from graphcap.errors import UserError
 
 _BACKENDS = ("inductor", "eager")
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _reject_unknown(cls: type, data: dict) -> None:
@@ -47,7 +42,7 @@ class PassConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        return _digest(self.to_dict())
+        return digest_of(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PassConfig":
@@ -90,7 +85,7 @@ class CompilationConfig:
         """Hash of what changes compiled code; where the cache lives, and whether it is used, do not."""
         data = self.to_dict()
         del data["cache_dir"], data["use_cache"]
-        return _digest(data)
+        return digest_of(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CompilationConfig":

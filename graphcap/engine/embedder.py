@@ -9,7 +9,7 @@ eagerly otherwise (counted with the runner's reason). Results come back in the c
 Parallel modes: "tp" shards the encoder over the installed TP group (the decoder's layout); "dp" runs the
 whole encoder on every rank on that rank's own inputs, so while it builds or runs the TP group is detached
 (the layers then neither shard nor all-reduce). With tp_size > 1 and no TP group in the process, `LLM` starts
-ranks of its own and builds one Embedder in each (`graphcap.executor.tp_embedder`).
+ranks of its own and builds one Embedder in each (`graphcap.engine.tp_embedder`).
 """
 
 from __future__ import annotations

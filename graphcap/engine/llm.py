@@ -36,7 +36,7 @@ class LLM:
     def __init__(self, model: str, **kwargs) -> None:
         self.config: EngineConfig = config_from_kwargs(model, kwargs)
         from graphcap.engine.embedder import is_encoder_checkpoint
-        from graphcap.executor.tp_embedder import make_embedder
+        from graphcap.engine.tp_embedder import make_embedder
 
         if is_encoder_checkpoint(self.config.model):
             self._embedder = make_embedder(self.config)

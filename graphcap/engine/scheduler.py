@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from graphcap.engine.request import Request, Status
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 from graphcap.executor.kv_cache import PagePool
 
 

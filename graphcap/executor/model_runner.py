@@ -11,7 +11,7 @@ from torch import nn
 from graphcap.attention.backend import TorchNativeAttnBackend
 from graphcap.attention.metadata import build_metadata
 from graphcap.attention.op import use_cpu_kernels
-from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
+from graphcap.batch.forward_batch import ForwardBatch, ForwardMode
 from graphcap.executor.kv_cache import KVCache, num_pages_for
 from graphcap.models.config import ModelConfig
 

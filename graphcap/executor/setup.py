@@ -15,10 +15,10 @@ import time
 import torch
 
 from graphcap.compilation.backend import PiecewiseCompiler, build_compiler
-from graphcap.compilation.cache import digest_of
+from graphcap.common.digest import digest_of
 from graphcap.config import EngineConfig
 from graphcap.errors import UserError
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 from graphcap.executor.kv_cache import KVCache
 from graphcap.executor.loader import ModelSource, build_model
 from graphcap.executor.model_runner import ModelRunner

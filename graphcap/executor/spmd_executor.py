@@ -22,7 +22,7 @@ from graphcap.config import EngineConfig
 from graphcap.distributed.coordinator import destroy_distributed
 from graphcap.distributed.launcher import RankFailure
 from graphcap.errors import UserError
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 from graphcap.executor.loader import ModelSource
 from graphcap.executor.setup import build_local_runner
 from graphcap.executor.tp_executor import COLLECTIVE_TIMEOUT_S, join_group

@@ -8,18 +8,17 @@ one broadcast of plain lists to every rank and rank 0's logits back.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from graphcap.common.digest import digest_of
 from graphcap.config import EngineConfig
 from graphcap.distributed.launcher import WorkerGroup
 from graphcap.errors import UserError
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 from graphcap.executor.kv_cache import PagePool
 
 if TYPE_CHECKING:
@@ -33,7 +32,7 @@ COLLECTIVE_TIMEOUT_S = 120.0
 def config_digest(cfg: EngineConfig) -> str:
     """What every rank must agree on before it serves: engine config, torch version."""
     data = {"config": asdict(cfg), "torch": torch.__version__}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    return digest_of(data, length=64)
 
 
 class TPExecutor:

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
+from graphcap.batch.forward_batch import ForwardBatch, ForwardMode
 
 
 def rss_bytes() -> int:

@@ -10,11 +10,15 @@ of eager's own error (`verify.accuracy_verdict` says which factor and why).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from graphcap.executor.forward_batch import ForwardBatch
-from graphcap.executor.model_runner import ModelRunner
+from graphcap.batch.forward_batch import ForwardBatch
 from graphcap.layers.linear import UnquantizedLinearMethod
+
+if TYPE_CHECKING:
+    from graphcap.executor.model_runner import ModelRunner
 
 
 def read_kv(kv_cache, slots: torch.Tensor) -> torch.Tensor:
@@ -51,7 +55,7 @@ class Float64Reference:
         with torch.device(self.mr.device):
             model = type(src)(src.config, torch.float64)
         model.load_state_dict({k: v.to(torch.float64) for k, v in src.state_dict().items()})
-        return ModelRunner(model.eval(), self.mr.config, torch.float64, self.mr.device,
+        return type(self.mr)(model.eval(), self.mr.config, torch.float64, self.mr.device,
                            self.max_pages * self.mr.page_size, self.mr.page_size, cpu_kernels=False)
 
     @torch.inference_mode()

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from graphcap.layers.custom_op import CustomOp
-
-
-def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    d = x.shape[-1] // 2
-    return F.silu(x[..., :d]) * x[..., d:]
+from graphcap.ops.reference import silu_and_mul_ref
 
 
 class SiluAndMul(CustomOp):

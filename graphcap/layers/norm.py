@@ -6,15 +6,7 @@ import torch
 from torch import nn
 
 from graphcap.layers.custom_op import CustomOp
-
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Reference RMSNorm in fp32 or wider (the HF formula), shared by the layer and the fused custom ops."""
-    if x.dtype in (torch.float32, torch.float64):  # no conversions: the hot path, and float64 references
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+from graphcap.ops.reference import rms_norm_ref
 
 
 class RMSNorm(CustomOp):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -100,10 +98,6 @@ class ModelConfig:
             missing = [k for k in ("factor", "original_max_position_embeddings") if k not in self.rope_scaling]
             if missing:
                 raise UserError(f"config.json: llama3 rope scaling lacks {', '.join(missing)}")
-
-    def digest(self) -> str:
-        """Stable hash of the architecture, for keying compiled artifacts."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

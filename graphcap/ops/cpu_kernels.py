@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from graphcap.compilation.cache import default_cache_dir
+from graphcap.common.digest import default_cache_dir
 
 log = logging.getLogger("graphcap")
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 import graphcap.distributed.ops  # noqa: F401  (registers graphcap::all_reduce, which the fallback calls)
-from graphcap.layers.activation import silu_and_mul_ref
-from graphcap.layers.norm import rms_norm_ref
+from graphcap.ops.reference import rms_norm_ref, silu_and_mul_ref
 from graphcap.ops.norm_ops import fused_add_rms_norm_ref
 from graphcap.ops.quant_ops import dynamic_per_token_fp8_quant_ref, static_fp8_quant_ref
 

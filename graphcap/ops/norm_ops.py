@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from graphcap.layers.activation import silu_and_mul_ref
-from graphcap.layers.norm import rms_norm_ref
+from graphcap.ops.reference import rms_norm_ref, silu_and_mul_ref
 
 
 @torch.library.custom_op("graphcap::rms_norm", mutates_args=("out",))

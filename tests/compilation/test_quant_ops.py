@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from graphcap.distributed.ops import register_group, unregister_group
-from graphcap.layers.activation import silu_and_mul_ref
-from graphcap.layers.norm import rms_norm_ref
+from graphcap.ops.reference import rms_norm_ref, silu_and_mul_ref
 from graphcap.ops import fused_ops, norm_ops, quant_ops
 from graphcap.ops.quant_ops import FP8_DTYPE, FP8_MAX, MIN_SCALE
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from graphcap import LLM, SamplingParams
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 
 pytestmark = pytest.mark.slow
 

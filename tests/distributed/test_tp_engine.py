@@ -14,7 +14,7 @@ import torch
 from graphcap import LLM, SamplingParams
 from graphcap.cli import main
 from graphcap.distributed.launcher import RankFailure
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 
 pytestmark = pytest.mark.slow
 

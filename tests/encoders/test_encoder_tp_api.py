@@ -13,7 +13,7 @@ import torch
 from graphcap import LLM, UserError
 from graphcap.config import config_from_kwargs
 from graphcap.engine.embedder import Embedder
-from graphcap.executor.tp_embedder import TPEmbedder
+from graphcap.engine.tp_embedder import TPEmbedder
 
 from .helpers import needs_minilm, save_hf, tiny_vit_config
 

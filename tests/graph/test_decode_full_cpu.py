@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphcap import LLM, SamplingParams
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 from graphcap.graph.backends.cpu_inductor import signature
 from graphcap.graph.probe import ProbeBatches
 

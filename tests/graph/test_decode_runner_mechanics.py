@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from graphcap import LLM
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 from graphcap.graph.config import DecodeGraphConfig
 from graphcap.graph.probe import ProbeBatches
 from graphcap.graph.runners.decode import DecodeGraphRunner

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphcap import LLM, SamplingParams
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 from graphcap.graph.probe import ProbeBatches
 
 pytestmark = pytest.mark.slow

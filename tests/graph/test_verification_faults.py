@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from graphcap import LLM
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 
 from .faults import FAULTS, verify_with
 

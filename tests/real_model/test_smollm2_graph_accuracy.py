@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graph.faults import FAULTS, verify_with
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 from graphcap.graph.probe import ProbeBatches
 from graphcap.graph.reference import Float64Reference
 from graphcap.graph.verify import accuracy

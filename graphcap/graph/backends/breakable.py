@@ -23,7 +23,7 @@ import torch
 from graphcap.attention.metadata import AttentionMetadata
 from graphcap.graph.backends.base import Replay
 from graphcap.graph.backends.cpu_inductor import CPP_WRAPPER_OPTIONS, DEFAULT_INDUCTOR_OPTIONS
-from graphcap.graph.backends.cuda_graph import capture_stream
+from graphcap.common.cuda_graph import capture_stream
 from graphcap.graph.backends.segment_compile import CompiledSegment
 from graphcap.models.segments import SegmentedBody, run_segmented
 

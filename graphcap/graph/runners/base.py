@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from graphcap.distributed.parallel_state import get_tp_group, graph_capture
-from graphcap.executor.forward_batch import ForwardBatch
+from graphcap.batch.forward_batch import ForwardBatch
 from graphcap.graph.probe import ProbeBatches, rss_bytes
 from graphcap.graph.reference import page_slots, read_kv
 from graphcap.graph.stats import BucketReport, RunnerStats

@@ -14,7 +14,7 @@ import torch
 from graphcap.attention.metadata import StaticMetadataBuffers, decode_metadata
 from graphcap.distributed.parallel_state import graph_replay
 from graphcap.errors import UserError
-from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
+from graphcap.batch.forward_batch import ForwardBatch, ForwardMode
 from graphcap.graph.backends import make_backend
 from graphcap.graph.backends.base import Replay
 from graphcap.graph.backends.cpu_inductor import CPP_WRAPPER_OPTIONS

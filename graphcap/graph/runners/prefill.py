@@ -16,7 +16,7 @@ import torch
 from graphcap.attention.metadata import AttentionMetadata
 from graphcap.distributed.parallel_state import graph_replay
 from graphcap.errors import UserError
-from graphcap.executor.forward_batch import ForwardBatch, ForwardMode
+from graphcap.batch.forward_batch import ForwardBatch, ForwardMode
 from graphcap.graph.backends.base import Replay
 from graphcap.graph.backends.breakable import make_breakable_backend
 from graphcap.graph.config import PrefillGraphConfig

@@ -1,0 +1,34 @@
+"""Stable hashes for cache keys and cross-rank agreement: one way to hash a description, one way to hash
+graphcap's own source."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def digest_of(obj: Any, length: int = 16) -> str:
+    """SHA-256 of a JSON-able description (keys sorted; dtypes, devices and paths become strings)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+@functools.cache
+def source_digest() -> str:
+    """Hash of every graphcap source file: an edit anywhere in the engine can change traced graphs."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
+        h.update(str(path.relative_to(PACKAGE_ROOT)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """The user's cache directory for graphcap (compiled artifacts, built kernels)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("graphcap"))
