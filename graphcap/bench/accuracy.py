@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 
 SEED = 11
 # Fixed texts for a model with a tokenizer (the real checkpoint): natural prompts of 20-40 tokens.

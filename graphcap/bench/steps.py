@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from graphcap.executor.forward_batch import ForwardBatch
+from graphcap.batch.forward_batch import ForwardBatch
 from graphcap.graph.verify import compare, interleaved_medians
 
 ATOL = RTOL = 1e-4

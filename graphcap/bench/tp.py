@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from graphcap.bench.report import Row, make_row
-from graphcap.executor.forward_batch import ForwardMode
+from graphcap.batch.forward_batch import ForwardMode
 from graphcap.graph.verify import compare, interleaved_medians
 
 SEED = 2026
