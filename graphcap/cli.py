@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -30,35 +31,48 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _json_arg(text: str) -> dict:
+    return {"__json_or_path__": text}
+
+
+# How a field's annotation becomes an argparse type.
+_ARG_TYPES = {"str": str, "int": _int, "float": _float, "list[int]": _int_list, "dict": _json_arg}
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by every subcommand that builds an engine. Defaults are None so that only flags the
-    user gave override `--graph-config`; the engine's own defaults apply otherwise."""
-    p.add_argument("--model", required=True, help="HF checkpoint directory, .gguf file, or preset (tiny, small, smollm2)")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    p.add_argument("--tp", type=int, default=None, dest="tp_size", help="tensor-parallel ranks")
-    p.add_argument("--graph-decode", default=None, help="full (default), piecewise or eager")
-    p.add_argument("--graph-prefill", default=None, help="breakable (default), piecewise or eager")
-    p.add_argument("--prefill-sizes", type=_int_list, default=None, help="prefill token-count buckets")
-    p.add_argument("--inductor-options", default=None, metavar="JSON_OR_PATH",
-                   help='Inductor config for CPU graphs, e.g. \'{"freezing": true}\'')
-    p.add_argument("--kv-cache-tokens", type=int, default=None)
-    p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
-    p.add_argument("--max-running-requests", type=int, default=None)
-    p.add_argument("--max-prefill-tokens", type=int, default=None)
-    p.add_argument("--decode-sizes", type=_int_list, default=None, help="decode batch buckets, e.g. 1,2,4,8")
-    p.add_argument("--graph-select", default=None, choices=["auto", "always"],
-                   help="auto: keep a bucket's graph only where it beats eager at capture")
-    p.add_argument("--graph-verify", default=None, choices=["warn", "strict", "off"])
+    """One flag per EngineConfig field, with its help, generated so that every option is a flag. Defaults are
+    None so that only flags the user gave override `--graph-config`; the engine's own defaults apply otherwise."""
+    from graphcap.config import EngineConfig
+
+    p.add_argument("--model", required=True, help="HF checkpoint directory, .gguf file, or preset (tiny, small, "
+                                                  "smollm2)")
     p.add_argument("--graph-config", default=None, help="JSON file of engine/graph options")
-    p.add_argument("--quantization", default=None, help="none (default), fp8 or fp8-static")
-    p.add_argument("--compilation-config", default=None, metavar="JSON_OR_PATH",
-                   help="compilation options (backend, custom_ops, pass_config, ...) as JSON or a JSON file")
-    p.add_argument("--cache-dir", default=None, help="compiled-artifact cache (default: the user cache dir)")
-    p.add_argument("--no-cache", action="store_const", const=False, default=None, dest="use_cache",
-                   help="neither read nor write compiled artifacts")
-    p.add_argument("--no-cpu-kernels", action="store_const", const=False, default=None, dest="cpu_kernels",
-                   help="use torch ops instead of graphcap's C++ CPU kernels (decode attention)")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in ("model", "extra"):
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        if f.type == "bool":  # a flag that flips the default
+            p.add_argument(flag, action="store_const", const=not f.default, default=None, dest=f.name,
+                           help=helptext)
+            continue
+        kind = f.type.split(" | ")[0]
+        p.add_argument(flag, type=_ARG_TYPES[kind], default=None, dest=f.name, help=helptext,
+                       metavar="JSON_OR_PATH" if kind == "dict" else None)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -89,23 +103,19 @@ def _json_or_path(text: str | None, flag: str) -> dict | None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    from graphcap.config import load_json_config
+    """The engine options the user gave: `--graph-config` first, then every flag given on the command line."""
+    from graphcap.config import EngineConfig, load_json_config
 
     kwargs = {}
     if args.graph_config:
         kwargs.update(load_json_config(args.graph_config))
-    given = {
-        "device": args.device, "dtype": args.dtype, "tp_size": args.tp_size, "graph_decode": args.graph_decode,
-        "graph_prefill": args.graph_prefill, "kv_cache_tokens": args.kv_cache_tokens,
-        "kv_cache_memory_fraction": args.kv_cache_memory_fraction,
-        "max_running_requests": args.max_running_requests, "max_prefill_tokens": args.max_prefill_tokens,
-        "decode_sizes": args.decode_sizes, "graph_select": args.graph_select, "graph_verify": args.graph_verify,
-        "quantization": args.quantization, "cache_dir": args.cache_dir, "use_cache": args.use_cache,
-        "compilation_config": _json_or_path(args.compilation_config, "--compilation-config"),
-        "inductor_options": _json_or_path(args.inductor_options, "--inductor-options"),
-        "prefill_sizes": args.prefill_sizes, "cpu_kernels": args.cpu_kernels,
-    }
-    kwargs.update({k: v for k, v in given.items() if v is not None})
+    for f in dataclasses.fields(EngineConfig):
+        value = getattr(args, f.name, None)
+        if value is None or f.name in ("model", "extra"):
+            continue
+        if isinstance(value, dict) and "__json_or_path__" in value:
+            value = _json_or_path(value["__json_or_path__"], f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
+        kwargs[f.name] = value
     return kwargs
 
 
@@ -153,8 +163,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from graphcap.bench.runner import BenchOptions, run_bench
 
     kwargs = engine_kwargs(args)
-    if args.quantization:
-        kwargs["quantization"] = args.quantization
     opts = BenchOptions(
         model=args.model, engine_kwargs=kwargs, graph_decode=(args.graph_decode or "full").split(","),
         graph_prefill=(args.graph_prefill or "breakable").split(","), batch_sizes=args.batch_sizes, iters=args.iters,

@@ -21,41 +21,54 @@ from graphcap.graph.config import DEFAULT_ENCODER_BATCH_SIZES, DEFAULT_ENCODER_S
 
 
 
+def option(default=dataclasses.MISSING, help: str = "", flag: str | None = None, **kw):
+    """An engine option: its default, the help text its generated CLI flag shows, and the flag's name when
+    it is not `--field-name` (`--tp`, `--no-cache`)."""
+    return field(default=default, metadata={"help": help, "flag": flag}, **kw)
+
+
 @dataclass
 class EngineConfig:
+    """Every engine option, reachable from `LLM(...)`, `--graph-config` JSON and a CLI flag generated from the
+    field (graphcap.cli.add_engine_args)."""
+
     model: str
-    device: str = "cpu"
-    dtype: str = "float32"
-    tp_size: int = 1
+    device: str = option("cpu", "cpu (default) or cuda")
+    dtype: str = option("float32", "float32 (default), bfloat16 or float16")
+    tp_size: int = option(1, "tensor-parallel ranks", flag="--tp")
     # None: the default for a decoder, graphs (decode "full", prefill "breakable", as SGLang and vLLM default
     # to graphs); encoders take graph_encoder instead. "eager" turns a phase's graphs off.
-    graph_decode: str | None = None
-    graph_prefill: str | None = None
-    kv_cache_tokens: int | None = None  # None: derived from kv_cache_memory_fraction, or a default
-    kv_cache_memory_fraction: float | None = None
-    page_size: int = 16
-    max_running_requests: int = 64
-    max_prefill_tokens: int = 2048  # prefill token budget per step; longer prompts are chunked
-    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
-    prefill_sizes: list[int] | tuple[int, ...] = DEFAULT_PREFILL_SIZES  # token-count buckets
-    max_prefill_padding: float = 2.0  # pad a prefill to its bucket only while bucket <= ratio * tokens
-    decode_sizes: list[int] | tuple[int, ...] = DEFAULT_DECODE_SIZES
-    max_decode_batch_size: int | None = None
-    graph_select: str = "auto"
-    graph_verify: str = "warn"
-    decode_attention: str = "auto"
-    cpu_kernels: bool = True  # graphcap's C++ CPU attention kernels (decode, prefill), built on first use
-    inductor_options: dict = field(default_factory=dict)
+    graph_decode: str | None = option(None, "full (default), piecewise or eager")
+    graph_prefill: str | None = option(None, "breakable (default), piecewise or eager")
+    kv_cache_tokens: int | None = option(None, "KV cache capacity in tokens (default: from "
+                                               "--kv-cache-memory-fraction, else 32768)")
+    kv_cache_memory_fraction: float | None = option(None, "KV cache size as a fraction of free memory")
+    page_size: int = option(16, "tokens per KV cache page")
+    max_running_requests: int = option(64, "requests decoded together at most")
+    max_prefill_tokens: int = option(2048, "prefill token budget per step; longer prompts are chunked")
+    max_model_len: int | None = option(None, "longest request in tokens (default: the model's positions)")
+    prefill_sizes: list[int] | tuple[int, ...] = option(DEFAULT_PREFILL_SIZES, "prefill token-count buckets")
+    max_prefill_padding: float = option(2.0, "pad a prefill to its bucket only while bucket <= ratio * tokens")
+    decode_sizes: list[int] | tuple[int, ...] = option(DEFAULT_DECODE_SIZES, "decode batch-size buckets")
+    max_decode_batch_size: int | None = option(None, "largest decode bucket (default: max_running_requests)")
+    graph_select: str = option("auto", "auto: keep a bucket's graph only where it beats eager at capture; always")
+    graph_verify: str = option("warn", "warn: drop a bucket less accurate than eager; strict: raise; off")
+    decode_attention: str = option("auto", "attention in decode graphs: inline, opaque or auto")
+    cpu_kernels: bool = option(True, "use torch ops instead of graphcap's C++ CPU attention kernels",
+                               flag="--no-cpu-kernels")
+    inductor_options: dict = option(help="Inductor config for CPU graphs as JSON or a JSON file, e.g. "
+                                         "'{\"freezing\": true}'", default_factory=dict)
     # encoder checkpoints (BERT, ViT): `LLM.embed`; graphs per (batch, sequence length) bucket
-    graph_encoder: str = "eager"
-    encoder_sizes: list[int] | tuple[int, ...] = DEFAULT_ENCODER_BATCH_SIZES  # batch buckets
-    encoder_seq_lens: list[int] | tuple[int, ...] = DEFAULT_ENCODER_SEQ_LENS  # sequence buckets
-    encoder_parallel: str = "tp"  # tp: sharded over the TP group; dp: every rank runs the whole encoder
+    graph_encoder: str = option("eager", "encoder graphs: eager (default) or full")
+    encoder_sizes: list[int] | tuple[int, ...] = option(DEFAULT_ENCODER_BATCH_SIZES, "encoder batch buckets")
+    encoder_seq_lens: list[int] | tuple[int, ...] = option(DEFAULT_ENCODER_SEQ_LENS, "encoder sequence buckets")
+    encoder_parallel: str = option("tp", "tp: encoder sharded over the TP group; dp: whole encoder per rank")
     # compilation (graph_decode="piecewise"): quantization, compiler config and its artifact cache
-    quantization: str | None = None
-    compilation_config: dict | CompilationConfig | None = None
-    cache_dir: str | None = None  # None: the compilation config's, else the user's cache directory
-    use_cache: bool = True
+    quantization: str | None = option(None, "none (default), fp8 or fp8-static")
+    compilation_config: dict | CompilationConfig | None = option(
+        None, "compilation options (backend, custom_ops, pass_config, ...) as JSON or a JSON file")
+    cache_dir: str | None = option(None, "compiled-artifact cache (default: the user cache dir)")
+    use_cache: bool = option(True, "neither read nor write compiled artifacts", flag="--no-cache")
     extra: dict = field(default_factory=dict)
 
     def prefill_graph(self) -> PrefillGraphConfig:

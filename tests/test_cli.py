@@ -118,3 +118,27 @@ def test_python_m_graphcap_user_error_has_no_traceback(tmp_path):
     proc = _python_m("generate", "--model", str(tmp_path / "missing"), "--prompt-ids", "1")
     assert_user_error(proc.returncode, proc.stderr, "neither a preset")
     assert proc.stdout == ""
+
+
+def test_every_engine_option_is_a_flag_with_help():
+    """The flags are generated from EngineConfig: each field has one, with help, and it reaches the config."""
+    import dataclasses
+
+    from graphcap.cli import build_parser, engine_kwargs
+    from graphcap.config import EngineConfig, config_from_kwargs
+
+    parser = build_parser()
+    gen = parser._subparsers._group_actions[0].choices["generate"]
+    by_dest = {a.dest: a for a in gen._actions}
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in ("model", "extra"):
+            continue
+        assert f.name in by_dest, f"no flag for {f.name}"
+        assert by_dest[f.name].help, f"the flag for {f.name} has no help"
+    args = parser.parse_args(["generate", "--model", "tiny", "--prompt-ids", "1", "--page-size", "8",
+                              "--max-model-len", "64", "--max-prefill-padding", "1.5", "--decode-attention", "opaque",
+                              "--max-decode-batch-size", "4", "--no-cpu-kernels", "--tp", "1",
+                              "--inductor-options", '{"freezing": true}'])
+    cfg = config_from_kwargs("tiny", engine_kwargs(args))
+    assert (cfg.page_size, cfg.max_model_len, cfg.max_prefill_padding, cfg.decode_attention) == (8, 64, 1.5, "opaque")
+    assert cfg.max_decode_batch_size == 4 and cfg.cpu_kernels is False and cfg.inductor_options == {"freezing": True}
