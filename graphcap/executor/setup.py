@@ -22,6 +22,7 @@ from graphcap.batch.forward_batch import ForwardMode
 from graphcap.executor.kv_cache import KVCache
 from graphcap.executor.loader import ModelSource, build_model
 from graphcap.executor.model_runner import ModelRunner
+from graphcap.graph.reference import release_float64_copy
 from graphcap.graph.runners.decode import DecodeGraphRunner
 from graphcap.graph.runners.prefill import PrefillGraphRunner
 from graphcap.layers.custom_op import enabled_custom_ops
@@ -87,6 +88,7 @@ def build_local_runner(cfg: EngineConfig, source: ModelSource) -> ModelRunner:
         prefill = PrefillGraphRunner(runner, prefill_cfg, cfg.max_prefill_tokens, limit, runner.compiler)
         prefill.capture()
         runner.graph_runners[ForwardMode.PREFILL] = prefill
+    release_float64_copy(runner)
     if runner.compiler is not None:
         log.info("compilation: %s", runner.compiler.summary())
     return runner

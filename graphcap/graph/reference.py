@@ -10,6 +10,7 @@ of eager's own error (`verify.accuracy_verdict` says which factor and why).
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +20,9 @@ from graphcap.layers.linear import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
     from graphcap.executor.model_runner import ModelRunner
+
+
+_FLOAT64_COPIES: "weakref.WeakKeyDictionary[ModelRunner, ModelRunner]" = weakref.WeakKeyDictionary()
 
 
 def read_kv(kv_cache, slots: torch.Tensor) -> torch.Tensor:
@@ -51,12 +55,21 @@ class Float64Reference:
         return batch.num_tokens <= self.max_tokens and sum(map(len, batch.page_tables)) <= self.max_pages
 
     def _build(self) -> ModelRunner:
+        """One float64 copy per model runner, shared by its decode and prefill runners' captures (building it
+        copies every weight) until `release_float64_copy`."""
+        shared = _FLOAT64_COPIES.get(self.mr)
+        if shared is not None and shared.pool.usable_pages >= self.max_pages:
+            return shared
+        if shared is not None:
+            shared.shutdown()
         src = self.mr.model
         with torch.device(self.mr.device):
             model = type(src)(src.config, torch.float64)
         model.load_state_dict({k: v.to(torch.float64) for k, v in src.state_dict().items()})
-        return type(self.mr)(model.eval(), self.mr.config, torch.float64, self.mr.device,
-                           self.max_pages * self.mr.page_size, self.mr.page_size, cpu_kernels=False)
+        copy = type(self.mr)(model.eval(), self.mr.config, torch.float64, self.mr.device,
+                             self.max_pages * self.mr.page_size, self.mr.page_size, cpu_kernels=False)
+        _FLOAT64_COPIES[self.mr] = copy
+        return copy
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +103,11 @@ class Float64Reference:
                 ref.pool.free(t)
 
     def close(self) -> None:
-        if self._runner is not None:
-            self._runner.shutdown()
-            self._runner = None
+        self._runner = None
+
+
+def release_float64_copy(model_runner: ModelRunner) -> None:
+    """Free the float64 copy once every phase has captured (it holds a float64 copy of every weight)."""
+    copy = _FLOAT64_COPIES.pop(model_runner, None)
+    if copy is not None:
+        copy.shutdown()

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from graphcap.graph.reference import release_float64_copy
 from graphcap.graph.stats import BucketReport
 
 
@@ -71,4 +72,5 @@ def verify_with(runner, bucket: int, fault: Callable | None) -> tuple[bool, Buck
         runner.replays[bucket] = original
         runner.reference.close()
         runner.reference = None
+        release_float64_copy(runner.mr)
     return ok, report

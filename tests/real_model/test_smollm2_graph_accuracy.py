@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from graph.faults import FAULTS, verify_with
 from graphcap.batch.forward_batch import ForwardMode
 from graphcap.graph.probe import ProbeBatches
-from graphcap.graph.reference import Float64Reference
+from graphcap.graph.reference import Float64Reference, release_float64_copy
 from graphcap.graph.verify import accuracy
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -40,6 +40,7 @@ def reference(smollm2_graphs):
     ref = Float64Reference(smollm2_graphs.runner, 256, 16 * 10)
     yield ref
     ref.close()
+    release_float64_copy(smollm2_graphs.runner)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
