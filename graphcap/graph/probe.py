@@ -71,10 +71,25 @@ class ProbeBatches:
         """A prefill batch of requests adding `extend_lens` tokens on top of `prefix_lens` cached ones; a
         request longer than the model allows is split into several (same token count)."""
         vocab = self.mr.config.vocab_size
-        extend_lens, prefix_lens = self._within_length(extend_lens, prefix_lens)
+        extend_lens, prefix_lens = self._within_cache(*self._within_length(extend_lens, prefix_lens))
         tables = [self._pages(p + e) for p, e in zip(prefix_lens, extend_lens)]
         tokens = [[self._randint(0, vocab - 1) for _ in range(e)] for e in extend_lens]
         return self.mr.make_batch(ForwardMode.PREFILL, tokens, prefix_lens, tables)
+
+    def _within_cache(self, extend_lens: list[int], prefix_lens: list[int]) -> tuple[list[int], list[int]]:
+        """The same token count in a shape the free pages hold: without cached prefixes, and if page rounding
+        over many requests still does not fit, as few requests as the model's length allows."""
+        pool = self.mr.pool
+
+        def pages(extends, prefixes):
+            return sum(pool.pages_for(e + p) for e, p in zip(extends, prefixes))
+
+        if pages(extend_lens, prefix_lens) <= pool.free_pages:
+            return extend_lens, prefix_lens
+        prefix_lens = [0] * len(extend_lens)
+        if pages(extend_lens, prefix_lens) <= pool.free_pages:
+            return extend_lens, prefix_lens
+        return self._within_length([sum(extend_lens)], [0])
 
     def _within_length(self, extend_lens: list[int], prefix_lens: list[int]) -> tuple[list[int], list[int]]:
         extends, prefixes = [], []

@@ -35,9 +35,11 @@ def test_small_limits_start_and_serve(tmp_path, llama_ckpt, kit, positions, deco
         stats = llm.stats()
     assert got == want
     prefill_stats = stats["prefill"]
-    assert prefill_stats["clamped"] is not None, "the default prefill buckets (up to 2048) exceed every limit here"
-    limit = prefill_stats["clamped"]["limit"]
-    assert all(b <= limit for b in prefill_stats["buckets"])
-    assert max(prefill_stats["clamped"]["dropped"]) == 2048
+    if limits:  # a budget or cache below the largest default bucket (2048): the sizes above it are not captured
+        clamped = prefill_stats["clamped"]
+        assert clamped is not None and max(clamped["dropped"]) == 2048
+        assert all(b <= clamped["limit"] for b in prefill_stats["buckets"])
+    else:  # only the model is short: a batch of many requests still fills every bucket, so all are captured
+        assert prefill_stats["clamped"] is None and max(prefill_stats["buckets"]) == 2048
     assert prefill_stats["replays"] > 0 and stats["decode"]["replays"] > 0
     assert all(b["status"] == "graph" for b in prefill_stats["buckets"].values()), prefill_stats["buckets"]

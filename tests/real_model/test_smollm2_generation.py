@@ -66,13 +66,16 @@ def test_greedy_chat_equals_hf(request, engine, hf_replies):
 
 
 def test_every_default_bucket_holds(smollm2_graphs):
-    """Each default bucket is verified (float64 reference) and kept, or dropped only as slower than eager."""
+    """Each default bucket is verified (float64 reference) and kept, or dropped only as slower than eager (on
+    its own timing, or, for prefill buckets above one that gained nothing, on that smaller bucket's)."""
     stats = smollm2_graphs.stats()
     for phase in ("decode", "prefill"):
         for size, bucket in stats[phase]["buckets"].items():
             assert bucket["status"] == "graph" or bucket["reason"] in (
-                "bucket_slower_than_eager", "slower_on_another_batch_shape"), (phase, size, bucket)
-            assert bucket["error_ratio"] is not None and bucket["error_ratio"] < 8, (phase, size, bucket)
+                "bucket_slower_than_eager", "slower_on_another_batch_shape", "no_gain_at_smaller_bucket"), (
+                phase, size, bucket)
+            if bucket["reason"] != "no_gain_at_smaller_bucket":  # the others were verified, then timed
+                assert bucket["error_ratio"] is not None and bucket["error_ratio"] < 8, (phase, size, bucket)
         assert stats[phase]["mode"] != "eager"
     assert stats["decode"]["captured"], "no decode bucket kept on the real model"
 

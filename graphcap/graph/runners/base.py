@@ -102,6 +102,10 @@ class BucketedGraphRunner:
         """The reference a bucket's graph must match and beat."""
         return self.mr.forward_eager(batch)
 
+    def _skip_reason(self, bucket) -> str | None:
+        """Why a bucket is not worth capturing, judged from buckets captured before it; None to capture."""
+        return None
+
     def _capture_context(self):
         return graph_capture()
 
@@ -136,6 +140,11 @@ class BucketedGraphRunner:
                 for bucket in bar:
                     bar.set_postfix(bucket=self._label(bucket))
                     report = self._stats.buckets[bucket] = BucketReport(bucket)
+                    skip = self._skip_reason(bucket)
+                    if skip is not None:
+                        report.status, report.reason = "eager", skip
+                        agree_across_ranks(report)
+                        continue
                     t_capture = time.perf_counter()
                     try:
                         self._capture_bucket(bucket, probes)
@@ -191,6 +200,7 @@ class BucketedGraphRunner:
                 detail = f"max |graph - eager| {diff:.3g}"
             else:
                 ok, detail = self._verify_against_reference(batch, bucket, report, probes)
+            probes.release()  # batches are drawn one at a time, so a small cache still holds each
             if not ok:
                 report.status, report.reason = "rejected", "bucket_rejected"
                 msg = f"{self.phase} bucket {self._label(bucket)}: graph less accurate than eager ({detail})"
@@ -268,6 +278,7 @@ class BucketedGraphRunner:
                 graph_ms, eager_ms = self.time_pair(lambda: self._replay(batch, bucket), lambda: self._eager(batch))
                 if i == 0:
                     report.graph_ms, report.eager_ms = statistics.median(graph_ms), statistics.median(eager_ms)
+                probes.release()
                 if not faster(graph_ms, eager_ms):
                     report.status = "eager"
                     report.reason = "bucket_slower_than_eager" if i == 0 else "slower_on_another_batch_shape"

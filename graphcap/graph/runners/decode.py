@@ -9,6 +9,8 @@ and faster.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from graphcap.attention.metadata import StaticMetadataBuffers, decode_metadata
@@ -53,7 +55,11 @@ class DecodeGraphRunner(BucketedGraphRunner):
         self.inline_attention = attention == "inline"
         self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=self.device)
         self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=self.device)
-        self.meta = StaticMetadataBuffers(self.max_bs, self.max_cols, self.page_size, self.device)
+        # One spare column on CPU: a compiled step sees the block table as a view of this buffer, and were the
+        # view ever its full width (cols == max_cols at capture, as for a 64-position model), the compiler
+        # would take its row stride for the (dynamic) width and read wrong rows at every narrower width.
+        spare = 0 if self.static_cols else 1
+        self.meta = StaticMetadataBuffers(self.max_bs, self.max_cols + spare, self.page_size, self.device)
         options = {**CPP_WRAPPER_OPTIONS, **dict(cfg.inductor_options)}
         self.backend = make_backend(cfg.mode, self.device, options, compiler)
         self.replays: dict[int, Replay] = {}
@@ -133,14 +139,12 @@ class DecodeGraphRunner(BucketedGraphRunner):
         return probes.decode(min(self.max_bs, REFERENCE_MAX_TOKENS // 8),
                              max_context=self.page_size * VERIFY_CONTEXT_PAGES)
 
-    def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
+    def _verify_batches(self, bucket: int, probes: ProbeBatches) -> Iterator[ForwardBatch]:
         """A full bucket and a padded one, over different context lengths (so the KV length varies)."""
-        return [
-            probes.decode(bucket, max_context=self.page_size * 3),
-            probes.decode(max(1, bucket - 1), max_context=self.page_size * VERIFY_CONTEXT_PAGES),
-        ]
+        yield probes.decode(bucket, max_context=self.page_size * 3)
+        yield probes.decode(max(1, bucket - 1), max_context=self.page_size * VERIFY_CONTEXT_PAGES)
 
-    def _timing_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
+    def _timing_batches(self, bucket: int, probes: ProbeBatches) -> Iterator[ForwardBatch]:
         """A full bucket over short contexts, and a padded one over long contexts."""
-        return [probes.decode(bucket, max_context=self.page_size * 4),
-                probes.decode(max(1, bucket - 1), max_context=self.page_size * 32)]
+        yield probes.decode(bucket, max_context=self.page_size * 4)
+        yield probes.decode(max(1, bucket - 1), max_context=self.page_size * 32)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import Iterator
 
 import torch
 
 from graphcap.attention.metadata import AttentionMetadata
-from graphcap.distributed.parallel_state import graph_replay
+from graphcap.distributed.parallel_state import get_tp_group, graph_replay
 from graphcap.errors import UserError
 from graphcap.batch.forward_batch import ForwardBatch, ForwardMode
 from graphcap.graph.backends.base import Replay
@@ -27,6 +28,12 @@ from graphcap.graph.runners.base import REFERENCE_MAX_TOKENS, BucketedGraphRunne
 # Arguments 3..5 (block table, query index and positions) are per request: their shapes follow the
 # number of requests and the longest one, never the bucket.
 PER_REQUEST_DIMS = ((3, 0), (3, 1), (4, 0), (4, 1), (5, 0), (5, 1))
+
+
+# A step that costs this much eagerly is compute-bound; a graph that gains less than NO_GAIN_SPEEDUP on it
+# will not gain more on a larger one (see _skip_reason).
+NO_GAIN_STEP_MS = 100.0
+NO_GAIN_SPEEDUP = 1.03
 
 
 class PrefillGraphRunner(BucketedGraphRunner):
@@ -161,6 +168,24 @@ class PrefillGraphRunner(BucketedGraphRunner):
             self.body_fn, self._load(batch, bucket), f"prefill tokens={bucket}", PER_REQUEST_DIMS
         )
 
+    def _capture_order(self) -> list[int]:
+        """On CPU smallest first, so that `_skip_reason` can judge large buckets from small ones; CUDA
+        captures the largest first, whose memory pool the smaller graphs then share."""
+        return sorted(self.buckets, reverse=self.device.type == "cuda")
+
+    def _skip_reason(self, bucket: int) -> str | None:
+        """A graph removes a fixed per-step overhead, so its gain shrinks as the step grows. Once a smaller
+        bucket whose eager step already costs NO_GAIN_STEP_MS gained less than NO_GAIN_SPEEDUP, larger ones
+        would gain less still, and verifying and timing them costs seconds per call on a real model."""
+        group = get_tp_group()
+        if self.select_mode != "auto" or (group is not None and group.world_size > 1):
+            return None  # under TP every rank must capture the same buckets: timings differ per rank
+        for size, report in self._stats.buckets.items():
+            if size < bucket and report.eager_ms and report.graph_ms and report.eager_ms >= NO_GAIN_STEP_MS \
+                    and report.eager_ms / report.graph_ms < NO_GAIN_SPEEDUP:
+                return "no_gain_at_smaller_bucket"
+        return None
+
     def _make_reference(self) -> Float64Reference | None:
         if not has_float64_reference(self.mr.model):
             return None
@@ -171,17 +196,19 @@ class PrefillGraphRunner(BucketedGraphRunner):
         half = REFERENCE_MAX_TOKENS // 2 - 8
         return probes.prefill([half, half], [0, 5])
 
-    def _verify_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
+    def _verify_batches(self, bucket: int, probes: ProbeBatches) -> Iterator[ForwardBatch]:
         """A full bucket split over several requests (one on a cached prefix), and a padded single request."""
         parts = _split(bucket, 3)
         padded = max(1, int(bucket / self.cfg.max_padding_ratio) + 1)
-        return [probes.prefill(parts, [0, 5, 0][: len(parts)]), probes.prefill([min(padded, bucket)], [0])]
+        yield probes.prefill(parts, [0, 5, 0][: len(parts)])
+        yield probes.prefill([min(padded, bucket)], [0])
 
-    def _timing_batches(self, bucket: int, probes: ProbeBatches) -> list[ForwardBatch]:
+    def _timing_batches(self, bucket: int, probes: ProbeBatches) -> Iterator[ForwardBatch]:
         """A full bucket of four equal requests, and one of eight mixed lengths on short cached prefixes."""
         parts = _split(bucket, 4)
         mixed = _mixed(bucket, 8)
-        return [probes.prefill(parts, [0] * len(parts)), probes.prefill(mixed, [i % 3 for i in range(len(mixed))])]
+        yield probes.prefill(parts, [0] * len(parts))
+        yield probes.prefill(mixed, [i % 3 for i in range(len(mixed))])
 
 
 def _at_least_2x2(t: torch.Tensor) -> torch.Tensor:
