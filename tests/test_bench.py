@@ -128,3 +128,66 @@ def test_bench_full_decode_replays_and_matches_eager(tmp_path, capsys, llama_ckp
     assert e2e["full"]["tokens_equal"] is True
     assert data["compile"]["full"]["decode"]["captured"] == [1]
     assert data["startup_seconds"]["full"] > 0
+
+
+def test_hf_peer_generates_through_eos_as_ignore_eos_does(llama_ckpt) -> None:
+    """The peer must treat EOS as we do with ignore_eos: generated like any token, ending nothing. A token
+    our greedy run emits early is made the peer's EOS: stopping there, or forbidding it (min_new_tokens),
+    would both change its output."""
+    from graphcap import LLM, SamplingParams
+    from graphcap.bench.e2e import NEW_TOKENS
+    from graphcap.bench.peers import _generate_fn, _load_hf
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = torch.randint(3, 256, (3, 8), generator=gen).tolist()
+    with LLM(str(llama_ckpt.path), kv_cache_tokens=1024, graph_decode="eager", graph_prefill="eager") as llm:
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        ours = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+    hf = _load_hf(str(llama_ckpt.path), torch.float32)
+    hf.generation_config.eos_token_id = ours[0][1]
+    assert _generate_fn(hf, {})(prompts) == ours
+
+
+def test_bench_reduced_precision_reports_source_dtype_and_accuracy_rows(tmp_path, capsys) -> None:
+    """--dtype bfloat16 on the tiny preset, eager only: the header names the source and dtype, the floor
+    counts 2-byte weights, and a dtype row compares our eager engine with a float32 one (8 eps: see
+    tests/test_dtypes.py)."""
+    data, stdout = _bench(tmp_path, capsys, "tiny", "--dtype", "bfloat16", "--graph-decode", "eager",
+                          "--graph-prefill", "eager")
+    assert data["dtype"] == "bfloat16" and data["source"].startswith("preset tiny")
+    assert "model tiny (preset tiny" in stdout and "dtype bfloat16" in stdout
+    (floor,) = [r for r in data["results"] if r["phase"] == "floor"]
+    assert floor["mode"].startswith("engine weights (bfloat16)")
+    params = 16 * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 192 + 2 * 64) + 2 * 1024 * 64 + 64  # tiny, untied
+    assert floor["weight_mb"] == pytest.approx((params - 1024 * 64) * 2 / 1e6)  # embedding rows not read whole
+    (row,) = [r for r in data["results"] if r["phase"] == "dtype"]
+    assert row["mode"] == "eager" and row["dtype"] == "bfloat16" and row["graph_steps"] == 0
+    assert 0 < row["rel_err"] <= 8 * torch.finfo(torch.bfloat16).eps
+    assert row["rows"] > 0 and row["prompts"] == 4
+    assert "Reduced precision against float32" in stdout
+    assert [m for m, _ in data["stage_seconds"]][0] == "building the eager engine"
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_bench_smollm2_peer_and_floor_on_the_real_weights(tmp_path, capsys) -> None:
+    """smollm2 eager with the HF peer: HF reads the same GGUF and generates the same tokens (one request's
+    greedy path emits EOS midway, which neither side may act on), every request makes all its tokens, and
+    the floor counts the dequantised float32 weights and the file's blocks as stored."""
+    from graphcap.bench.e2e import NEW_TOKENS, NUM_REQUESTS
+    from graphcap.checkpoints.smollm2 import smollm2_gguf_path
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "smollm2", "--graph-decode", "eager", "--graph-prefill", "eager",
+                 "--batch-sizes", "1", "--iters", "1", "--e2e-iters", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    path = smollm2_gguf_path()
+    assert data["source"] == str(path) and data["dtype"] == "float32"
+    e2e = [r for r in data["results"] if r["phase"] in ("e2e", "peer")]
+    assert [r["phase"] for r in e2e] == ["e2e", "peer"]
+    for r in e2e:
+        assert r["tokens_equal"] is True and r["generated_tokens"] == NUM_REQUESTS * NEW_TOKENS, r
+    engine, stored = [r for r in data["results"] if r["phase"] == "floor"]
+    assert engine["weight_mb"] == pytest.approx(134_515_008 * 4 / 1e6)  # tied: the table is the LM head
+    assert stored["mode"].startswith("gguf blocks (Q4_1+Q8_0")
+    assert 0.9 * path.stat().st_size / 1e6 < stored["weight_mb"] < path.stat().st_size / 1e6

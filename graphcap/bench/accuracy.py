@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from graphcap.batch.forward_batch import ForwardMode
+from graphcap.models.config import parse_dtype
 
 SEED = 11
 # Fixed texts for a model with a tokenizer (the real checkpoint): natural prompts of 20-40 tokens.
@@ -169,8 +170,8 @@ def compare_dtypes(ref: Reference, llm, graphs: bool = False, mode: str = "eager
     prefixes = [_common_prefix(a, b) for a, b in zip(ref.free_run, free)]
     scale, worst = ref.scale, max(prefill, decode)
     return DtypeAccuracy(
-        dtype=str(llm.config.dtype), mode=mode, rel_err=worst / scale, prefill_rel_err=prefill / scale,
-        decode_rel_err=decode / scale, max_abs_diff=worst, rows=rows, argmax_agree=agree,
+        dtype=str(parse_dtype(llm.config.dtype)).removeprefix("torch."), mode=mode, rel_err=worst / scale,
+        prefill_rel_err=prefill / scale, decode_rel_err=decode / scale, max_abs_diff=worst, rows=rows, argmax_agree=agree,
         disagree_margins=sorted(margins), free_run_equal=sum(p == ref.new_tokens for p in prefixes),
         free_run_prefix=prefixes, prompts=len(ref.prompts), new_tokens=ref.new_tokens, graph_steps=graph_steps,
     )

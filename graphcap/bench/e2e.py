@@ -54,10 +54,12 @@ def e2e_rows(contenders: list[Contender], prompts: list[list[int]], iters: int) 
             c.generate(prompts)
             ts.append(time.perf_counter() - t)
     base_ms = statistics.median(times[0]) * 1e3
-    new_tokens = NEW_TOKENS * len(prompts)
     rows = []
     for c, ts, out in zip(contenders, times, outputs):
         ms = statistics.median(ts) * 1e3
+        # Counted, not assumed: a request that ended early (EOS not ignored) would inflate tokens/s.
+        new_tokens = sum(len(o) for o in out)
         rows.append(make_row(c.phase, c.mode, len(prompts), ms, base_ms / ms, None, out == outputs[0],
-                             tokens_per_s=new_tokens / (ms / 1e3), prompt_tokens=PROMPT_LEN, new_tokens=NEW_TOKENS))
+                             tokens_per_s=new_tokens / (ms / 1e3), prompt_tokens=PROMPT_LEN, new_tokens=NEW_TOKENS,
+                             generated_tokens=new_tokens, short_requests=sum(len(o) < NEW_TOKENS for o in out)))
     return rows

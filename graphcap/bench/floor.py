@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,8 +47,31 @@ def copy_bandwidth_gbps(nbytes: int = COPY_BYTES, iters: int = 7) -> float:
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
-def floor_row(model: nn.Module) -> Row:
+def gguf_bytes_per_decode_step(path: Path) -> tuple[int, str]:
+    """Bytes a decode step reads from a GGUF file's tensors as stored (quantised blocks), by the same rule
+    as `weight_bytes_per_decode_step`; and the storage types, most bytes first (e.g. "Q4_1+Q8_0+F32")."""
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(path).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    by_type: dict[str, int] = {}
+    for t in tensors:
+        if t.name == "token_embd.weight" and not tied:
+            continue
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    return sum(by_type.values()), "+".join(sorted(by_type, key=by_type.get, reverse=True))
+
+
+def floor_rows(model: nn.Module, gguf: Path | None = None) -> list[Row]:
+    """The floor of the engine's weights as loaded (in its dtype; a GGUF is dequantised), and, for a GGUF
+    source, of the file's blocks as stored: what an engine computing on them (llama.cpp) reads."""
     weight = weight_bytes_per_decode_step(model)
+    dtype = next(model.parameters()).dtype
     gbps = copy_bandwidth_gbps()
-    return make_row("floor", "weights/bandwidth", None, weight / (gbps * 1e9) * 1e3, bandwidth_gbps=gbps,
-                    weight_mb=weight / 1e6)
+    rows = [make_row("floor", f"engine weights ({str(dtype).removeprefix('torch.')})/bandwidth", None,
+                     weight / (gbps * 1e9) * 1e3, bandwidth_gbps=gbps, weight_mb=weight / 1e6)]
+    if gguf is not None:
+        stored, types = gguf_bytes_per_decode_step(gguf)
+        rows.append(make_row("floor", f"gguf blocks ({types})/bandwidth", None, stored / (gbps * 1e9) * 1e3,
+                             bandwidth_gbps=gbps, weight_mb=stored / 1e6))
+    return rows

@@ -73,14 +73,18 @@ def hf_contenders(model: str, compile_too: bool, notes: list[str],
 
 
 def _generate_fn(hf, extra: dict):
-    """Greedy, exactly NEW_TOKENS per request: `min_new_tokens` keeps EOS (every id the model's generation
-    config lists) from ending a request early, as `ignore_eos` does on our side."""
+    """Greedy, exactly NEW_TOKENS per request, EOS generated like any token and ending nothing: what
+    `ignore_eos` does on our side. (`min_new_tokens` would not do: it forbids EOS, so a request whose
+    greedy token is EOS would continue with another token than ours.) The peer's own generation config
+    loses its EOS ids (generate fills every unset option from it), so only the length ends a request."""
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0  # never used (no request ends early); generate wants one for a batch
 
     @torch.inference_mode()
     def generate(prompts: list[list[int]]) -> list[list[int]]:
         ids = torch.tensor(prompts, dtype=torch.int64)
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-                          min_new_tokens=NEW_TOKENS, pad_token_id=0, **extra)
+                          **extra)
         return out[:, ids.shape[1]:].tolist()
 
     return generate

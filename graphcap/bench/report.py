@@ -50,6 +50,10 @@ def _graph_steps(row: Row) -> str:
     return f"{text} ({', '.join(sorted(reasons))})" if reasons else text
 
 
+def _agreement(row: Row) -> str:
+    return f"{row['argmax_agree']}/{row['rows']}"
+
+
 # phase -> [(header, key or row function, formatter)]
 Column = tuple[str, str | Callable[[Row], Any], Callable[[Any], str]]
 _STEP: list[Column] = [
@@ -69,6 +73,12 @@ COLUMNS: dict[str, list[Column]] = {
     "peer": _E2E,
     "floor": [("what", "mode", str), ("ms/step", "ms_median", _num(".3f")), ("GB/s", "bandwidth_gbps", _num(".2f")),
               ("weight MB read/step", "weight_mb", _num(".1f"))],
+    "dtype": [("mode", "mode", str), ("dtype", "dtype", str), ("rel err", "rel_err", _num(".2e")),
+              ("prefill", "prefill_rel_err", _num(".2e")), ("decode", "decode_rel_err", _num(".2e")),
+              ("max|diff|", "max_abs_diff", _num(".2e")), ("argmax=", _agreement, str),
+              ("max margin of a miss", lambda r: max(r["disagree_margins"], default=None), _num(".3f")),
+              ("free-run equal", lambda r: f"{r['free_run_equal']}/{r['prompts']}", str),
+              ("graph steps", "graph_steps", _num("d"))],
     "allreduce": [("path", "mode", str), ("bytes", "size_bytes", _num("d")), ("us", "us_median", _num(".1f")),
                   ("speedup", "speedup_vs_eager", _speedup)],
     "encoder": [("mode", "mode", str), ("bs", "batch_size", _num("d")), ("seq", "seq_len", _num("d")),
@@ -81,6 +91,8 @@ TITLES = {
     "e2e": "End-to-end generation: 16 requests x 32 prompt tokens, 64 new tokens (greedy, ignore_eos)",
     "peer": "Peers on the identical weights, same prompts (timed round-robin with the e2e rows)",
     "floor": "Bandwidth floor (weights read per decode step / measured copy bandwidth)",
+    "dtype": "Reduced precision against float32 on the same weights: fixed prompts, the float32 greedy tokens fed "
+             "to both (rel err = max |logits - fp32| / max |fp32|), then free-running greedy generation",
     "allreduce": "All-reduce (gloo vs shared memory, rank 0)",
     "encoder": "Encoder forward + pooling per (batch, seq) bucket (graph vs eager, interleaved)",
 }
@@ -134,12 +146,21 @@ def _timing(result: dict) -> str:
 def render(result: dict) -> str:
     """The whole report as printed on stdout: header, one table per phase, startup/memory, notes."""
     kernel = result["engine"].get("attention_kernel", "torch")
-    head = (f"graphcap bench: model {result['model']} on {result['device']}, torch {result['torch']}, "
+    source = result.get("source")
+    model = result["model"] + (f" ({source})" if source and source != result["model"] else "")
+    head = (f"graphcap bench: model {model}, dtype {result.get('dtype', 'float32')}, on {result['device']}, "
+            f"torch {result['torch']}, "
             f"attention kernels: {kernel}; step rows: {_timing(result)}; "
             f"load average {result['load_average']['start']} -> {result['load_average']['end']}")
     parts = [head, format_tables(result["results"]),
              "Startup and memory\n" + "\n".join(_startup_lines(result["compile"]))
              + f"\n  peak RSS of the bench process: {result['peak_rss_bytes'] / 2**20:.0f} MiB"]
+    stages = result.get("stage_seconds")
+    if stages:
+        total = sum(seconds for _, seconds in stages)
+        parts.append(f"Bench wall time {total:.0f} s\n" + "\n".join(f"  {seconds:7.1f} s  {message}"
+                                                                     for message, seconds in stages
+                                                                     if message != "done"))
     if result["notes"]:
         parts.append("Notes\n" + "\n".join(f"  - {n}" for n in result["notes"]))
     return "\n\n".join(parts)

@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from graphcap.bench.decode import decode_rows
-from graphcap.bench.e2e import e2e_rows, llm_contender, make_prompts
-from graphcap.bench.floor import floor_row
+from graphcap.bench.e2e import NEW_TOKENS, e2e_rows, llm_contender, make_prompts
+from graphcap.bench.floor import floor_rows
+from graphcap.bench.peers import gguf_file, model_source
 from graphcap.bench.prefill import prefill_rows
 from graphcap.bench.tp import tp_decode_rows
 from graphcap.bench.report import Row, make_row
 from graphcap.errors import UserError
+from graphcap.models.config import parse_dtype
 
 # Enough for the e2e requests and the largest probe batch; the engine's default (32k tokens) would cost
 # half a gigabyte of KV cache per engine on `small`, and the bench builds several engines.
@@ -50,9 +52,22 @@ class BenchOptions:
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
 
 
+_stages: list[tuple[str, float]] = []  # (message, perf_counter at its start) of the current run
+
+
 def stage(message: str) -> None:
-    """Progress goes to stderr, so stdout holds only the table."""
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+    """Progress goes to stderr, so stdout holds only the table; each stage's start is kept, so the result
+    says where the bench's wall time went (`stage_seconds`)."""
+    now = time.perf_counter()
+    elapsed = now - _stages[0][1] if _stages else 0.0
+    _stages.append((message, now))
+    print(f"bench [{elapsed:6.1f} s]: {message}", file=sys.stderr, flush=True)
+
+
+def _stage_seconds() -> list[list]:
+    """[message, seconds] per stage of this run, each up to the next stage's start (the last, to now)."""
+    ends = [t for _, t in _stages[1:]] + [time.perf_counter()]
+    return [[message, round(end - start, 1)] for (message, start), end in zip(_stages, ends)]
 
 
 @dataclass
@@ -107,6 +122,7 @@ def run_bench(opts: BenchOptions) -> dict:
         torch.set_num_threads(opts.threads)
     load_before = os.getloadavg()
 
+    _stages.clear()
     stage("building the eager engine")
     engines = {"eager": _build(opts.model, {**kw, "graph_decode": "eager", "graph_prefill": "eager"})}
     cache_root = Path(tempfile.mkdtemp(prefix="graphcap-bench-cache-"))
@@ -118,6 +134,7 @@ def run_bench(opts: BenchOptions) -> dict:
         engines.update({f"prefill:{m}": e for m, e in prefill_engines.items()})
         eager = engines["eager"].llm
         attention_kernel = eager.stats().get("attention_kernel", "torch")
+        dtype = str(parse_dtype(eager.config.dtype)).removeprefix("torch.")
         stage(f"decode steps: batch sizes {opts.batch_sizes}, {opts.iters} interleaved turns of "
               f"{opts.steps_per_turn} step(s)")
         if kw.get("tp_size", 1) > 1:
@@ -134,13 +151,19 @@ def run_bench(opts: BenchOptions) -> dict:
                                    opts.steps_per_turn)
             results += _e2e(opts, eager, engines, notes)
             stage("bandwidth floor")
-            results.append(floor_row(eager.runner.model))
+            results += floor_rows(eager.runner.model, gguf_file(opts.model))
+            if dtype != "float32":
+                results += _dtype_rows(opts.model, kw, engines)
+                notes.append(f"{dtype}: the step rows' max|diff| and tokens= compare graph with eager on probes of "
+                             "random tokens and random KV contents, where rounding alone moves a real model's "
+                             "logits far more than on text; the dtype rows measure accuracy against float32")
         if opts.allreduce or kw.get("tp_size", 1) > 1:
             results += _allreduce_rows(max(2, kw.get("tp_size", 1)), notes)
         warm = _warm_startups(opts.model, kw, engines, notes)
         compile_info = {name: e.startup() for name, e in engines.items()}
         for name, seconds in warm.items():
             compile_info[name]["warm_startup_seconds"] = seconds
+        stage("done")
     finally:
         for e in engines.values():
             e.llm.shutdown()
@@ -149,12 +172,15 @@ def run_bench(opts: BenchOptions) -> dict:
         "device": _device_info(kw),
         "torch": torch.__version__,
         "model": opts.model,
+        "source": model_source(opts.model),
+        "dtype": dtype,
         "engine": {**{k: v for k, v in kw.items() if k not in ("graph_decode", "graph_prefill")},
                    "attention_kernel": attention_kernel},
         "timing": {"iters": opts.iters, "steps_per_turn": opts.steps_per_turn},
         "startup_seconds": {name: info["startup_seconds"] for name, info in compile_info.items()},
         "results": results,
         "compile": compile_info,
+        "stage_seconds": _stage_seconds(),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "load_average": {"start": [round(x, 2) for x in load_before],
                          "end": [round(x, 2) for x in os.getloadavg()]},
@@ -188,9 +214,34 @@ def _e2e(opts: BenchOptions, eager_llm, engines: dict[str, Engine], notes: list[
         stage("loading HF transformers peer(s) on the same weights")
         from graphcap.bench.peers import hf_contenders
 
-        contenders += hf_contenders(opts.model, opts.hf_compile, notes)
+        contenders += hf_contenders(opts.model, opts.hf_compile, notes, parse_dtype(eager_llm.config.dtype))
     stage(f"end-to-end generation: {', '.join(c.mode for c in contenders)}, {opts.e2e_iters} round(s)")
-    return e2e_rows(contenders, make_prompts(eager_llm.model_config.vocab_size), opts.e2e_iters)
+    rows = e2e_rows(contenders, make_prompts(eager_llm.model_config.vocab_size), opts.e2e_iters)
+    short = [f"{r['mode']} ({r['short_requests']})" for r in rows if r["short_requests"]]
+    if short:
+        notes.append(f"e2e requests that ended before {NEW_TOKENS} tokens (tokens/s counts what they made): "
+                     + ", ".join(short))
+    return rows
+
+
+def _dtype_rows(model: str, kw: dict, engines: dict[str, Engine]) -> list[Row]:
+    """A reduced-precision run's accuracy against a float32 eager engine on the same weights and prompts:
+    our eager, and each graph engine through its graph dispatch (graphcap.bench.accuracy)."""
+    from graphcap.bench.accuracy import accuracy_prompts, compare_dtypes, reference
+
+    stage("dtype accuracy: a float32 eager engine, then each engine against it")
+    ref_engine = _build(model, {**kw, "dtype": "float32", "graph_decode": "eager", "graph_prefill": "eager"})
+    try:
+        ref = reference(ref_engine.llm, accuracy_prompts(ref_engine.llm))
+    finally:
+        ref_engine.llm.shutdown()
+    rows = []
+    for name, e in engines.items():
+        acc = compare_dtypes(ref, e.llm, graphs=name != "eager", mode=name)
+        extra = {k: v for k, v in acc.as_dict().items() if k not in ("mode", "max_abs_diff")}
+        rows.append(make_row("dtype", name, acc.prompts, None, None, acc.max_abs_diff,
+                             acc.free_run_equal == acc.prompts, **extra))
+    return rows
 
 
 def _warm_startups(model: str, kw: dict, engines: dict[str, Engine], notes: list[str]) -> dict[str, float]:
