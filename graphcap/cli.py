@@ -210,6 +210,50 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from graphcap.serving.server import ServeOptions, serve
+
+    opts = ServeOptions(
+        model=args.model, engine_kwargs=engine_kwargs(args), host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("GRAPHCAP_API_KEY") or None, max_waiting=args.max_waiting,
+        request_timeout=args.request_timeout, served_model_name=args.served_model_name,
+        shutdown_timeout=args.shutdown_timeout, access_log=args.access_log, verbose=args.verbose,
+        threads=args.threads,
+    )
+    return serve(opts)
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    from graphcap.serving.bench import BenchServeOptions, render, run_serve_bench, write_json
+
+    opts = BenchServeOptions(
+        url=args.url, concurrency=args.concurrency, requests=args.requests, max_tokens=args.max_tokens,
+        prompt=args.prompt, model=args.bench_model, api_key=args.api_key, ignore_eos=args.ignore_eos,
+        timeout=args.timeout, chat=args.chat,
+    )
+    result = run_serve_bench(opts)
+    print(render(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0 if result["summary"]["errors"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphcap", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -261,6 +305,41 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--graph-config", default=None, help="JSON file of engine/graph options")
     emb.add_argument("--json", action="store_true", help="print one JSON object: embeddings and stats")
     emb.set_defaults(func=cmd_embed)
+
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    add_engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)")
+    srv.add_argument("--port", type=_int, default=8000)
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1 (default: $GRAPHCAP_API_KEY, else none)")
+    srv.add_argument("--max-waiting", type=_non_negative_int, default=256,
+                     help="requests that may wait for a batch slot; beyond it, HTTP 429 with Retry-After")
+    srv.add_argument("--request-timeout", type=_seconds, default=None,
+                     help="seconds a request may take, queueing included (default: no limit)")
+    srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    srv.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
+                     help="on SIGTERM, seconds in-flight requests may take to finish before they are aborted")
+    srv.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    srv.add_argument("--threads", type=_non_negative_int, default=0,
+                     help="torch intra-op threads (default 0: torch's own choice; on a small shared machine 1 "
+                          "avoids oversubscription stalls)")
+    srv.set_defaults(func=cmd_serve)
+
+    sb = sub.add_parser("serve-bench", help="load-test a running `graphcap serve` (throughput, TTFT, inter-token "
+                                            "latency)")
+    sb.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    sb.add_argument("--concurrency", type=_positive_int, default=8, help="clients sending requests at once")
+    sb.add_argument("--requests", type=_positive_int, default=64, help="requests in all")
+    sb.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens per request")
+    sb.add_argument("--prompt", default="Write a short story about a robot learning to paint.",
+                    help="the prompt every request sends")
+    sb.add_argument("--chat", action="store_true", help="use /v1/chat/completions (default: /v1/completions)")
+    sb.add_argument("--model", dest="bench_model", default=None, help="model name (default: the server's first)")
+    sb.add_argument("--api-key", default=None)
+    sb.add_argument("--ignore-eos", action="store_true", help="ask for exactly --max-tokens tokens per request")
+    sb.add_argument("--timeout", type=_seconds, default=600.0, help="seconds per request")
+    sb.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    sb.set_defaults(func=cmd_serve_bench)
     return parser
 
 

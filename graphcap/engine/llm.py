@@ -195,6 +195,19 @@ class LLM:
             if reason is not None:
                 self.scheduler.finish(req, reason)
 
+    def abort_request(self, req: Request, reason: str = "abort") -> None:
+        """Finish `req` now, waiting or running, and give its KV pages back (the server calls this between
+        steps when a client goes away, a stop string matches or a request times out)."""
+        if req.status == Status.FINISHED:
+            return
+        if req.status == Status.WAITING:
+            self.scheduler.waiting.remove(req)
+            self.scheduler.pool.free(req.pages)
+            req.pages = []
+            req.status, req.finish_reason = Status.FINISHED, reason
+        else:
+            self.scheduler.finish(req, reason)
+
     def _finish_reason(self, req: Request, tok: int) -> str | None:
         p = req.params
         if tok in p.stop_token_ids:

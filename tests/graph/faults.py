@@ -10,7 +10,6 @@ from typing import Callable
 
 import torch
 
-from graphcap.graph.reference import release_float64_copy
 from graphcap.graph.stats import BucketReport
 
 
@@ -52,7 +51,8 @@ FAULTS: dict[str, Callable] = {
 
 
 def verify_with(runner, bucket: int, fault: Callable | None) -> tuple[bool, BucketReport]:
-    """Re-run a captured bucket's verification with `fault` wrapped around its replay."""
+    """Re-run a captured bucket's verification with `fault` wrapped around its replay. The float64 copy of the
+    model stays cached on the runner for the next call; the caller frees it (`release_float64_copy`)."""
     from graphcap.graph.probe import ProbeBatches
 
     original = runner.replays[bucket]
@@ -72,5 +72,4 @@ def verify_with(runner, bucket: int, fault: Callable | None) -> tuple[bool, Buck
         runner.replays[bucket] = original
         runner.reference.close()
         runner.reference = None
-        release_float64_copy(runner.mr)
     return ok, report

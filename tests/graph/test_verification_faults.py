@@ -8,6 +8,7 @@ import pytest
 
 from graphcap import LLM
 from graphcap.batch.forward_batch import ForwardMode
+from graphcap.graph.reference import release_float64_copy
 
 from .faults import FAULTS, verify_with
 
@@ -20,6 +21,7 @@ def tiny_graphs():
     with LLM("tiny", graph_decode="full", decode_sizes=[4], graph_prefill="breakable", prefill_sizes=[64, 512],
              max_prefill_tokens=512, graph_select="always", kv_cache_tokens=2048) as llm:
         yield llm
+        release_float64_copy(llm.runner)
 
 
 @pytest.mark.parametrize("phase,bucket", CASES)

@@ -23,8 +23,15 @@ def _kept(llm, phase: ForwardMode, prefer: int) -> int:
     return min(captured, key=lambda b: abs(b - prefer))
 
 
-@pytest.mark.parametrize("phase,prefer", [(ForwardMode.DECODE, 4), (ForwardMode.PREFILL, 64),
-                                          (ForwardMode.PREFILL, 1024)])
+@pytest.fixture(scope="module", autouse=True)
+def _free_float64_copy(smollm2_graphs):
+    yield
+    release_float64_copy(smollm2_graphs.runner)
+
+
+# Large prefill buckets are not captured on this model by default (no gain, see the prefill runner), so the
+# calibrated bound for batches beyond the reference is exercised on tiny (tests/graph/test_verification_faults.py).
+@pytest.mark.parametrize("phase,prefer", [(ForwardMode.DECODE, 4), (ForwardMode.PREFILL, 32)])
 def test_faults_rejected_and_benign_passes(smollm2_graphs, phase, prefer):
     runner = smollm2_graphs.runner.graph_runners[phase]
     bucket = _kept(smollm2_graphs, phase, prefer)
@@ -40,7 +47,6 @@ def reference(smollm2_graphs):
     ref = Float64Reference(smollm2_graphs.runner, 256, 16 * 10)
     yield ref
     ref.close()
-    release_float64_copy(smollm2_graphs.runner)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
