@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -58,6 +59,7 @@ class LLM:
             self.runner = build_local_runner(cfg, source)
         self.startup_seconds = time.perf_counter() - t0
         self.load_seconds = self.runner.load_seconds
+        self._say_ready()
         self.scheduler = Scheduler(self.runner.pool, cfg.max_running_requests, cfg.max_prefill_tokens)
         self._next_rid = 0
         self._counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefill_steps": 0,
@@ -137,6 +139,7 @@ class LLM:
         out["kv_cache"].update(pages=pool.usable_pages, free_pages=pool.free_pages, page_size=pool.page_size)
         out.update(preemptions=self.scheduler.preemptions, load_seconds=round(self.load_seconds, 3),
                    startup_seconds=round(self.startup_seconds, 3))
+        out["startup"] = startup_breakdown(out)
         return out
 
     def shutdown(self) -> None:
@@ -150,6 +153,15 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+    def _say_ready(self) -> None:
+        """Graph capture takes seconds to minutes; one line on stderr says where the time went."""
+        stats = self.runner.stats()
+        if self._rank != 0 or all(stats.get(p, {}).get("mode", "eager") == "eager" for p in ("decode", "prefill")):
+            return
+        s = startup_breakdown({**stats, "load_seconds": self.load_seconds, "startup_seconds": self.startup_seconds})
+        print(f"graphcap: ready in {s['seconds']:.1f} s (load {s['load']:.1f}, kernel build {s['kernel_build']:.1f}, "
+              f"compile {s['compile']:.1f}, verify {s['verify']:.1f}, timing {s['timing']:.1f})", file=sys.stderr)
 
     def _template(self) -> ChatTemplate:
         if self._embedder is not None:
@@ -263,6 +275,19 @@ class LLM:
     def _output(self, req: Request) -> RequestOutput:
         text = self.tokenizer.decode(req.output_ids) if self.tokenizer else None
         return RequestOutput(req.prompt_ids, list(req.output_ids), text, req.finish_reason or "length")
+
+
+def startup_breakdown(stats: dict) -> dict:
+    """Seconds of start-up by kind: loading weights, building the C++ kernels, compiling and capturing graphs,
+    verifying them against float64 and timing them against eager (the phases' sums)."""
+    phases = [stats.get(p) or {} for p in ("decode", "prefill")]
+    return {
+        "seconds": round(stats.get("startup_seconds", 0.0), 3),
+        "load": round(stats.get("load_seconds", 0.0), 3),
+        "kernel_build": round(stats.get("kernel_build_seconds", 0.0), 3),
+        **{kind: round(sum(p.get(f"{kind}_seconds", 0.0) for p in phases), 3) for kind in ("compile", "verify",
+                                                                                            "timing")},
+    }
 
 
 def _bad_prompt(p) -> list[int]:

@@ -60,6 +60,7 @@ class ModelRunner:
         self.graph_runners: dict[ForwardMode, GraphRunner] = {}
         self.compiler = None  # the piecewise compiler, when a phase uses it (graphcap.executor.setup)
         self.load_seconds = 0.0
+        self.kernel_build_seconds = 0.0  # building graphcap's C++ kernels (once per machine), not loading
         self.eager_steps: dict[str, int] = {m.value: 0 for m in ForwardMode}
 
     @property
@@ -103,7 +104,8 @@ class ModelRunner:
         """Eager-step counts, cache size, and per-phase graph counters (a phase without a graph runner
         reports mode "eager"), plus the compile report."""
         out: dict = {"eager_steps": dict(self.eager_steps), "kv_cache": {"bytes": self.kv_cache.nbytes()},
-                     "attention_kernel": "cpp" if self.attn_backend.use_kernels else "torch"}
+                     "attention_kernel": "cpp" if self.attn_backend.use_kernels else "torch",
+                     "kernel_build_seconds": round(self.kernel_build_seconds, 3)}
         for mode, name in ((ForwardMode.DECODE, "decode"), (ForwardMode.PREFILL, "prefill")):
             runner = self.graph_runners.get(mode)
             out[name] = runner.stats() if runner else {"mode": "eager", "replays": 0, "rejects": {}, "captured": []}

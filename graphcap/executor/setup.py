@@ -71,10 +71,13 @@ def build_local_runner(cfg: EngineConfig, source: ModelSource) -> ModelRunner:
     t0 = time.perf_counter()
     with enabled_custom_ops(custom_ops):
         model = build_model(source, dtype, device, quant_method_factory(cfg.quantization))
+    t_kernels = time.perf_counter()
     use_kernels = device.type == "cpu" and cfg.cpu_kernels and cpu_kernels.available()
+    kernel_seconds = time.perf_counter() - t_kernels
     runner = ModelRunner(model, source.config, dtype, device, kv_cache_tokens(cfg, source, device), cfg.page_size,
                          use_kernels)
-    runner.load_seconds = time.perf_counter() - t0
+    runner.kernel_build_seconds = kernel_seconds
+    runner.load_seconds = time.perf_counter() - t0 - kernel_seconds
     decode_cfg, prefill_cfg = cfg.decode_graph(), cfg.prefill_graph()
     if "piecewise" in (decode_cfg.mode, prefill_cfg.mode):
         runner.compiler = _make_compiler(cfg, source, dtype, device, custom_ops)

@@ -40,6 +40,9 @@ def test_capture_report(graph_llm) -> None:
     assert all(decode["buckets"][b]["max_abs_diff"] < 1e-4 for b in (2, 4))
     assert graph_llm.runner.graph_runners[ForwardMode.DECODE].backend.compiles() == 1
     assert decode["capture_seconds"] > 0
+    startup = graph_llm.stats()["startup"]  # where start-up went, by kind (also the one line on stderr)
+    assert startup["compile"] > 0 and startup["verify"] > 0 and startup["load"] > 0
+    assert startup["compile"] + startup["verify"] + startup["timing"] <= startup["seconds"]
 
 
 def test_only_the_dynamic_dimensions_may_differ_between_shared_compiles() -> None:
