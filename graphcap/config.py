@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from graphcap.compilation.config import CompilationConfig
+from graphcap.common.json_file import read_json_object
 from graphcap.errors import UserError
 from graphcap.graph.config import (
     DEFAULT_DECODE_MODE,
@@ -166,16 +166,7 @@ def config_from_kwargs(model: str, kwargs: dict) -> EngineConfig:
 
 def load_json_config(path: str | Path) -> dict:
     """Read a JSON options file (`--graph-config`), refusing anything but an object."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"config file {p} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"config file {p} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {p} must hold a JSON object")
-    return data
+    return read_json_object(Path(path))
 
 
 def _check_inductor_options(options: object) -> None:

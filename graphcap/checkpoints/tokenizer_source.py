@@ -7,11 +7,11 @@ engine reads them from here without knowing the format.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from graphcap.common.json_file import read_json_object
 from graphcap.errors import UserError
 
 if TYPE_CHECKING:
@@ -53,15 +53,7 @@ def _token_text(token: object) -> str | None:
 
 
 def _read_object(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(_read_text(file))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{file} must hold a JSON object")
-    return data
+    return read_json_object(file) if file.is_file() else {}
 
 
 def _read_text(path: Path) -> str:
@@ -81,14 +73,7 @@ def template_from_hf_dir(path: Path) -> str | None:
     if jinja_file.is_file():
         return _read_text(jinja_file)
     config_file = path / "tokenizer_config.json"
-    if not config_file.is_file():
-        return None
-    try:
-        config = json.loads(_read_text(config_file))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_file} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_file} must hold a JSON object")
+    config = _read_object(config_file)
     template = config.get("chat_template")
     if template is None or isinstance(template, str):
         return template

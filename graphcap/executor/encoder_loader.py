@@ -8,13 +8,13 @@ was trained and evaluated with.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from graphcap.common.json_file import read_json_object
 from graphcap.errors import UserError
 from graphcap.executor.loader import iter_safetensors, load_checked, safetensors_files
 from graphcap.models.encoder_registry import encoder_architecture, resolve_encoder
@@ -93,16 +93,6 @@ def encoder_path(model: str) -> Path:
     return path
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    return data
-
-
 def max_sequence_length(path: Path, hf_config: dict) -> int | None:
     """The longest input to feed the model, by the precedence sentence-transformers uses: its own
     `max_seq_length` (what the embeddings were trained with), else the tokenizer's `model_max_length`, both
@@ -113,10 +103,10 @@ def max_sequence_length(path: Path, hf_config: dict) -> int | None:
     limit = int(positions)
     st_file = path / "sentence_bert_config.json"
     tok_file = path / "tokenizer_config.json"
-    st_len = _read_json(st_file).get("max_seq_length") if st_file.is_file() else None
+    st_len = read_json_object(st_file).get("max_seq_length") if st_file.is_file() else None
     if st_len is not None:
         return min(int(st_len), limit)
-    tok_len = _read_json(tok_file).get("model_max_length") if tok_file.is_file() else None
+    tok_len = read_json_object(tok_file).get("model_max_length") if tok_file.is_file() else None
     if tok_len is not None and int(tok_len) < _NO_LIMIT:
         return min(int(tok_len), limit)
     return limit
@@ -149,7 +139,7 @@ def resolve_encoder_source(model: str) -> EncoderSource:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise UserError(f"{path} has no config.json; not an HF-format checkpoint")
-    hf = _read_json(cfg_file)
+    hf = read_json_object(cfg_file)
     tok = path / "tokenizer.json"
     tokenizer_path = tok if tok.is_file() else None
     return EncoderSource(path, hf, encoder_architecture(hf), max_sequence_length(path, hf), tokenizer_path)

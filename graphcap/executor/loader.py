@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from graphcap.common.json_file import read_json_object
 from graphcap.checkpoints.gguf import GGUFCheckpoint, is_gguf_path
 from graphcap.checkpoints.smollm2 import smollm2_gguf_path
 from graphcap.checkpoints.tokenizer_source import TokenizerSource, hf_tokenizer_source
@@ -51,12 +52,7 @@ def resolve_source(model: str) -> ModelSource:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise UserError(f"{path} has no config.json; not an HF-format checkpoint")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_file} is not valid JSON: {e}") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"{cfg_file} must hold a JSON object")
+    hf = read_json_object(cfg_file)
     config = ModelConfig.from_hf(hf)
     files = safetensors_files(path)
     return ModelSource(str(path), hf, config, lambda: iter_safetensors(files), hf_tokenizer_source(path))
