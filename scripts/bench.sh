@@ -31,6 +31,11 @@ run() {  # run NAME [bench flags...]: one `graphcap bench`, its JSON (when asked
 run tiny
 echo
 run smollm2 --iters 4 --steps-per-turn 2 --e2e-iters 1
+echo
+# Real text from the real model (eager: the bench above measured its graphs; this only shows what it says).
+echo "== graphcap chat --model smollm2 --message 'What is the capital of France? Answer in one sentence.'" >&2
+.venv/bin/graphcap chat --model smollm2 --graph-decode eager --graph-prefill eager --max-new-tokens 48 \
+  --message "What is the capital of France? Answer in one sentence."
 
 if [ -n "$json" ]; then
   .venv/bin/python - "$json" "$tmp/tiny.json" "$tmp/smollm2.json" <<'EOF'
