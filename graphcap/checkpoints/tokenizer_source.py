@@ -42,7 +42,7 @@ def hf_tokenizer_source(path: Path) -> TokenizerSource | None:
         except Exception as e:  # the tokenizers library raises a bare Exception on malformed files
             raise UserError(f"cannot load tokenizer {tok_file}: {e}") from None
 
-    return TokenizerSource(load, template_from_hf_dir(path), _token_text(config.get("bos_token")),
+    return TokenizerSource(load, template_from_hf_dir(path, config), _token_text(config.get("bos_token")),
                            _token_text(config.get("eos_token")), str(path))
 
 
@@ -63,7 +63,7 @@ def _read_text(path: Path) -> str:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-def template_from_hf_dir(path: Path) -> str | None:
+def template_from_hf_dir(path: Path, config: dict | None = None) -> str | None:
     """The template HF's tokenizer would load from this directory, or None if the checkpoint ships none.
 
     Newer checkpoints keep it in chat_template.jinja, older ones inside tokenizer_config.json; HF prefers the
@@ -73,7 +73,8 @@ def template_from_hf_dir(path: Path) -> str | None:
     if jinja_file.is_file():
         return _read_text(jinja_file)
     config_file = path / "tokenizer_config.json"
-    config = _read_object(config_file)
+    if config is None:  # the caller may already hold tokenizer_config.json's contents
+        config = _read_object(config_file)
     template = config.get("chat_template")
     if template is None or isinstance(template, str):
         return template

@@ -210,14 +210,7 @@ class LLM:
     def abort_request(self, req: Request, reason: str = "abort") -> None:
         """Finish `req` now, waiting or running, and give its KV pages back (the server calls this between
         steps when a client goes away, a stop string matches or a request times out)."""
-        if req.status == Status.FINISHED:
-            return
-        if req.status == Status.WAITING:
-            self.scheduler.waiting.remove(req)
-            self.scheduler.pool.free(req.pages)
-            req.pages = []
-            req.status, req.finish_reason = Status.FINISHED, reason
-        else:
+        if req.status != Status.FINISHED:
             self.scheduler.finish(req, reason)
 
     def _finish_reason(self, req: Request, tok: int) -> str | None:

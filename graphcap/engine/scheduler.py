@@ -43,11 +43,12 @@ class Scheduler:
             self._preempt(max(self.running, key=lambda r: r.rid))
 
     def finish(self, req: Request, reason: str) -> None:
+        """End a request, running or still waiting (a server aborts either), and give its pages back."""
+        (self.running if req.status == Status.RUNNING else self.waiting).remove(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
         self.pool.free(req.pages)
         req.pages = []
-        self.running.remove(req)
 
     # -- prefill ----------------------------------------------------------------------------------------
     def _schedule_prefill(self) -> ScheduledBatch | None:

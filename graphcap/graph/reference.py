@@ -38,8 +38,8 @@ def page_slots(batch: ForwardBatch, page_size: int) -> torch.Tensor:
 
 def has_float64_reference(model: torch.nn.Module) -> bool:
     """A float64 copy is a plain copy of the parameters; quantised layers (FP8) store other tensors."""
-    return all(isinstance(getattr(m, "quant_method", None) or UnquantizedLinearMethod(), UnquantizedLinearMethod)
-               for m in model.modules())
+    methods = (getattr(m, "quant_method", None) for m in model.modules())
+    return all(method is None or isinstance(method, UnquantizedLinearMethod) for method in methods)
 
 
 class Float64Reference:

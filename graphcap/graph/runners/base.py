@@ -245,8 +245,8 @@ class BucketedGraphRunner:
         if reference is not None:
             logits = accuracy(out, eager, reference[0])
             keys = accuracy(read_kv(kv, written), eager_kv, reference[1])
-            self._eager_error = (max(logits.eager_error, (self._eager_error or (0.0, 0.0))[0]),
-                                 max(keys.eager_error, (self._eager_error or (0.0, 0.0))[1]))
+            known = self._eager_error or (0.0, 0.0)
+            self._eager_error = (max(logits.eager_error, known[0]), max(keys.eager_error, known[1]))
         else:
             logits = accuracy_within(out, eager, self._eager_error[0])
             keys = accuracy_within(read_kv(kv, written), eager_kv, self._eager_error[1])
