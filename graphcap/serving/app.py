@@ -1,19 +1,22 @@
-"""The HTTP API (FastAPI): OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health and
-/metrics. Every request's tokens come from the AsyncEngine; text comes out through an incremental
+"""The HTTP API (FastAPI): OpenAI's /v1/completions, /v1/chat/completions, /v1/embeddings and /v1/models, plus
+/health and /metrics. A decoder's tokens come from the AsyncEngine; text comes out through an incremental
 detokenizer, so a stream never carries half a character and stop strings are cut out across token
-boundaries."""
+boundaries. An encoder's vectors come from the EmbedEngine. Each kind of model answers the other kind's
+endpoints with a 400 that says which endpoint it serves."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
+import struct
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,8 +24,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from graphcap.engine.sampling_params import SamplingParams
 from graphcap.errors import UserError
-from graphcap.serving.async_engine import AsyncEngine, EngineDeadError, EngineNotReadyError, QueueFullError
+from graphcap.serving.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineNotReadyError,
+    EngineThread,
+    QueueFullError,
+)
 from graphcap.serving.detokenizer import IncrementalDetokenizer
+from graphcap.serving.embed_engine import EmbedEngine
 from graphcap.serving.metrics import ServerMetrics
 from graphcap.serving.protocol import (
     APIError,
@@ -31,6 +41,7 @@ from graphcap.serving.protocol import (
     error_body,
     parse_chat,
     parse_completion,
+    parse_embedding,
     prompt_token_lists,
 )
 
@@ -38,7 +49,7 @@ log = logging.getLogger("graphcap")
 
 COMPLETIONS_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 RETRY_AFTER_S = 1
-COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models")
 
 
 @dataclass
@@ -48,14 +59,17 @@ class ServerSettings:
     request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
     stop_timeout: float = 30.0  # how long lifespan shutdown waits for the engine thread to end
     on_ready: Callable[[], None] | None = None  # the engine is built (called on the event loop)
-    on_startup_failure: Callable[[AsyncEngine], None] | None = None
+    on_startup_failure: Callable[[EngineThread], None] | None = None
 
 
 class _Draining:
     value = False
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics | None = None) -> FastAPI:
+def build_app(engine: AsyncEngine | EmbedEngine, settings: ServerSettings,
+              metrics: ServerMetrics | None = None) -> FastAPI:
+    """The app over a decoder engine (AsyncEngine: completions, chat) or an encoder engine (EmbedEngine:
+    embeddings); /v1/models, /health and /metrics work for both."""
     metrics = metrics or ServerMetrics(engine, settings.model_name)
     draining = _Draining()
 
@@ -122,10 +136,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetr
     async def chat_completions(request: Request):
         return await api.chat(request)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return await api.embeddings(request)
+
     return _CountRequests(app, metrics)
 
 
-async def _watch_startup(engine: AsyncEngine, settings: ServerSettings) -> None:
+async def _watch_startup(engine: EngineThread, settings: ServerSettings) -> None:
     while not engine.ready.is_set() and engine.dead_reason is None:
         await asyncio.sleep(0.05)
     if engine.ready.is_set():
@@ -177,7 +195,7 @@ class _Choice:
 
 
 class _API:
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics,
+    def __init__(self, engine: AsyncEngine | EmbedEngine, settings: ServerSettings, metrics: ServerMetrics,
                  draining: _Draining) -> None:
         self.engine = engine
         self.settings = settings
@@ -204,8 +222,20 @@ class _API:
             raise APIError(503, "the engine is still starting; retry when /health says ready", "server_error",
                            code="starting", headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    async def _body(self, request: Request) -> Any:
+    def check_endpoint(self, endpoint: str) -> None:
+        """Encoders serve /v1/embeddings only, decoders everything else: known before the engine is built."""
+        name = self.settings.model_name
+        if isinstance(self.engine, EmbedEngine) and endpoint != "/v1/embeddings":
+            raise bad(f"the model {name!r} is an encoder (embeddings): it does not generate text, so it does not "
+                      f"serve {endpoint}; use /v1/embeddings", "model", "unsupported_endpoint")
+        if not isinstance(self.engine, EmbedEngine) and endpoint == "/v1/embeddings":
+            raise bad(f"the model {name!r} is a decoder (text generation): it does not serve /v1/embeddings; use "
+                      f"/v1/completions or /v1/chat/completions, or serve an encoder such as minilm",
+                      "model", "unsupported_endpoint")
+
+    async def _body(self, request: Request, endpoint: str) -> Any:
         self.check_auth(request)
+        self.check_endpoint(endpoint)
         self.check_engine()
         raw = await request.body()
         try:
@@ -213,26 +243,26 @@ class _API:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad(f"the request body is not valid JSON: {e}") from None
 
-    def _check_model(self, gen: GenerationRequest) -> None:
-        if gen.model != self.settings.model_name:
-            raise APIError(400, f"the model {gen.model!r} does not exist; this server serves "
+    def _check_model(self, model: str) -> None:
+        if model != self.settings.model_name:
+            raise APIError(400, f"the model {model!r} does not exist; this server serves "
                                 f"{self.settings.model_name!r}", param="model", code="model_not_found")
 
     # -- endpoints ----------------------------------------------------------------------------------------
     async def completions(self, request: Request):
         t_arrival = time.monotonic()
-        body = await self._body(request)
+        body = await self._body(request, "/v1/completions")
         gen, prompt = parse_completion(body)
-        self._check_model(gen)
+        self._check_model(gen.model)
         info = self.engine.info
         prompts = prompt_token_lists(prompt, lambda text: info.tokenizer.encode(text), info.tokenizer is not None)
         return await self._generate(request, "completion", gen, prompts, [], t_arrival)
 
     async def chat(self, request: Request):
         t_arrival = time.monotonic()
-        body = await self._body(request)
+        body = await self._body(request, "/v1/chat/completions")
         gen, messages = parse_chat(body)
-        self._check_model(gen)
+        self._check_model(gen.model)
         info = self.engine.info
         if info.chat_template is None:
             raise bad(f"this model has no chat template ({info.chat_template_error}); use /v1/completions",
@@ -243,6 +273,56 @@ class _API:
             raise bad(str(e), "messages") from None
         ids = info.tokenizer.encode(text, add_special_tokens=False)
         return await self._generate(request, "chat", gen, [ids], list(info.chat_stop_ids), t_arrival)
+
+    async def embeddings(self, request: Request) -> Response:
+        t_arrival = time.monotonic()
+        body = await self._body(request, "/v1/embeddings")
+        req = parse_embedding(body)
+        self._check_model(req.model)
+        info = self.engine.info
+        if req.dimensions is not None and req.dimensions != info.dimensions:
+            raise bad(f"this model's embeddings have {info.dimensions} dimensions and cannot be shortened; got "
+                      f"'dimensions': {req.dimensions}", "dimensions", "unsupported_parameter")
+        if req.token_ids is not None:
+            if not info.takes_token_ids:
+                raise bad("token-id input needs the encoder in the server's process (--tp 1); send text",
+                          "input", "unsupported_parameter")
+            for i, ids in enumerate(req.token_ids):
+                if any(t < 0 or t >= info.vocab_size for t in ids):
+                    raise bad(f"input {i} has token ids outside the vocabulary [0, {info.vocab_size})", "input")
+                if len(ids) > info.max_model_len:
+                    raise bad(f"this model's maximum input length is {info.max_model_len} tokens, but input {i} "
+                              f"has {len(ids)}", "input", "context_length_exceeded")
+        try:
+            with self._refusals():
+                vectors, tokens = await self.engine.embed(req.texts, req.token_ids, self.settings.request_timeout)
+        except TimeoutError:
+            raise APIError(408, f"the request took longer than --request-timeout "
+                                f"({self.settings.request_timeout:g} s)", "timeout_error", code="timeout") from None
+        except UserError as e:
+            raise bad(str(e), "input") from None
+        self.metrics.prompt_tokens.inc(tokens)
+        self.metrics.e2e.observe(time.monotonic() - t_arrival)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _base64_floats(v) if req.encoding_format == "base64" else v}
+                for i, v in enumerate(vectors)]
+        return JSONResponse({"object": "list", "data": data, "model": self.settings.model_name,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @contextmanager
+    def _refusals(self) -> Iterator[None]:
+        """An engine that will not take a request, as HTTP: 429 (queue full), 500 (dead), 503 (still starting)."""
+        try:
+            yield
+        except QueueFullError as e:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except EngineDeadError as e:
+            raise APIError(500, str(e), "server_error", code="engine_dead") from None
+        except EngineNotReadyError as e:
+            raise APIError(503, str(e), "server_error", code="starting",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     # -- generation ---------------------------------------------------------------------------------------
     def _sampling(self, gen: GenerationRequest, kind: str, prompts: list[list[int]],
@@ -291,17 +371,8 @@ class _API:
                         extra_stops: list[int], t_arrival: float):
         params = self._sampling(gen, kind, prompts, extra_stops)
         items = [(ids, p) for ids, row in zip(prompts, params) for p in row]
-        try:
+        with self._refusals():
             sub = self.engine.submit(items)
-        except QueueFullError as e:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise APIError(429, str(e), "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except EngineDeadError as e:
-            raise APIError(500, str(e), "server_error", code="engine_dead") from None
-        except EngineNotReadyError as e:
-            raise APIError(503, str(e), "server_error", code="starting",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         tokenizer = self.engine.info.tokenizer
         decode = tokenizer.decode if tokenizer is not None else (lambda ids: "")
         choices = [_Choice(i * gen.n + j, i, p, IncrementalDetokenizer(decode, gen.stop), [])
@@ -565,6 +636,11 @@ class _Run:
             self.complete = True
         finally:
             self.close()
+
+
+def _base64_floats(vector: list[float]) -> str:
+    """OpenAI's base64 encoding of an embedding: its float32 values, little-endian."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 def _sse(data: dict) -> bytes:

@@ -1,7 +1,8 @@
 """The engine loop in its own thread, batching continuously while requests arrive and leave.
 
 One thread owns the `LLM` (it builds it, steps it, aborts its requests, reads its stats and shuts it down):
-nothing else ever calls into it. The asyncio side talks to that thread through a thread-safe inbox (new
+nothing else ever calls into it. `EngineThread` is that thread's lifecycle, shared with the encoder engine
+(embed_engine.py); `AsyncEngine` is the decoder's loop. The asyncio side talks to that thread through a thread-safe inbox (new
 requests, aborts, calls such as `stats()`), drained between steps, and hears back through
 `loop.call_soon_threadsafe`: after every step one callback hands each request's new tokens to its
 `Submission`. If the loop dies, every pending request fails with the reason and `dead_reason` says why.
@@ -124,7 +125,14 @@ class Submission:
             self._engine._abort(jobs, reason)
 
 
-class AsyncEngine:
+class EngineThread:
+    """What both engines share: one thread owns the `LLM` (it builds it, runs it, answers calls into it and shuts
+    it down) and talks to the asyncio side through a thread-safe inbox and `loop.call_soon_threadsafe`. A
+    subclass says what the thread does between calls (`_run`), what the asyncio side may read once the LLM is
+    built (`_make_info`), and how pending requests hear that the thread died (`_deliver_death`)."""
+
+    thread_name = "graphcap-engine"
+
     def __init__(self, llm_factory: Callable[[], Any], *, max_waiting: int = 256,
                  on_step: Callable[[StepInfo], None] | None = None) -> None:
         self._factory = llm_factory
@@ -139,18 +147,16 @@ class AsyncEngine:
         self.dead_reason: str | None = None
         self.failed_at_startup = False
         self.startup_error: BaseException | None = None
-        self.info: EngineInfo | None = None
-        self.num_waiting = 0  # submitted, not yet running (asyncio thread only): what --max-waiting bounds
-        self.snapshot: dict = {}  # scheduler and pool counts after the latest step (replaced, never mutated)
+        self.info: Any = None  # the subclass's info dataclass, set once the LLM is built
+        self.num_waiting = 0  # accepted, not yet running (asyncio thread only): what --max-waiting bounds
+        self.snapshot: dict = {}  # counts after the latest unit of work (replaced, never mutated)
         self.last_stats: dict | None = None  # llm.stats() as of the latest refresh_stats()
-        self._submissions: set[Submission] = set()  # with jobs not yet done (asyncio thread only)
-        self._active: dict[int, _Job] = {}  # id(job) -> job, engine thread only
         self._llm = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._thread = threading.Thread(target=self._main, name="graphcap-engine", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -170,23 +176,6 @@ class AsyncEngine:
         if self._stopping.is_set():
             return "stopping"
         return "ready" if self.ready.is_set() else "starting"
-
-    # -- the asyncio side ------------------------------------------------------------------------------------
-    def submit(self, items: Sequence[tuple[list[int], SamplingParams]]) -> Submission:
-        """Queue requests (one per (prompt ids, params)); raises EngineDeadError, EngineNotReadyError or
-        QueueFullError at once instead of queueing."""
-        self._check_alive()
-        # Requests that will find a free batch slot at the next step do not wait: they count against the slots.
-        free_slots = max(0, self.info.max_running - self.snapshot.get("running", 0))
-        if self.num_waiting + len(items) > self.max_waiting + free_slots:
-            raise QueueFullError(f"{self.num_waiting} requests are waiting for a batch slot already "
-                                 f"(--max-waiting {self.max_waiting}); retry later")
-        sub = Submission(self, self._loop)
-        sub.jobs = [_Job(i, list(ids), params, sub) for i, (ids, params) in enumerate(items)]
-        self.num_waiting += len(sub.jobs)
-        self._submissions.add(sub)
-        self._inbox.put(("add", sub.jobs))  # one item: the engine acks them all before any token
-        return sub
 
     async def call(self, fn: Callable[[Any], Any], timeout: float = 5.0) -> Any:
         """Run fn(llm) on the engine thread between steps."""
@@ -210,6 +199,108 @@ class AsyncEngine:
             raise EngineDeadError("the server is shutting down")
         if not self.ready.is_set():
             raise EngineNotReadyError("the engine is still starting")
+
+    def _post(self, fn: Callable, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+    def _make_info(self, llm, startup_seconds: float) -> Any:
+        """On the engine thread, once the LLM is built; a UserError here is a start-up failure with status 2."""
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        """On the engine thread: serve until the stop flag is set."""
+        raise NotImplementedError
+
+    def _snapshot(self) -> None:
+        """On the engine thread: publish the counts /health and /metrics show."""
+
+    def _deliver_death(self, message: str) -> None:
+        """On the asyncio thread: fail every pending request with `message`."""
+        raise NotImplementedError
+
+    # -- the engine thread -----------------------------------------------------------------------------------
+    def _main(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            llm = self._factory()
+            self._llm = llm
+            self.info = self._make_info(llm, time.perf_counter() - t0)
+            self._snapshot()
+        except BaseException as e:  # noqa: BLE001 - any failure must reach the server, not vanish
+            self.failed_at_startup = True
+            self.startup_error = e
+            self._die(f"the engine failed to start: {type(e).__name__}: {e}")
+            if self._llm is not None:
+                self._shutdown_llm()
+            return
+        self.ready.set()
+        try:
+            self._run()
+        except BaseException as e:  # noqa: BLE001
+            log.exception("graphcap: the engine loop died")
+            self._die(f"the engine loop died: {type(e).__name__}: {e}")
+        finally:
+            self._shutdown_llm()
+            self.stopped.set()
+
+    def _shutdown_llm(self) -> None:
+        try:
+            self._llm.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            log.exception("graphcap: engine shutdown failed")
+
+    def _answer_call(self, fn: Callable[[Any], Any], fut: asyncio.Future) -> None:
+        try:
+            result, error = fn(self._llm), None
+        except Exception as e:  # noqa: BLE001 - handed back to the caller
+            result, error = None, e
+        self._post(resolve_future, fut, result, error)
+
+    def _die(self, message: str) -> None:
+        self.dead_reason = message
+        if self._loop is not None:
+            self._post(self._deliver_death, message)
+        # Calls waiting in the inbox would otherwise wait for their timeout.
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "call":
+                self._post(resolve_future, item[2], None, EngineDeadError(message))
+        self.stopped.set()
+
+
+class AsyncEngine(EngineThread):
+    """The decoder engine: continuous batching over `LLM.step`, each request's tokens handed back after every
+    step."""
+
+    def __init__(self, llm_factory: Callable[[], Any], *, max_waiting: int = 256,
+                 on_step: Callable[[StepInfo], None] | None = None) -> None:
+        super().__init__(llm_factory, max_waiting=max_waiting, on_step=on_step)
+        self._submissions: set[Submission] = set()  # with jobs not yet done (asyncio thread only)
+        self._active: dict[int, _Job] = {}  # id(job) -> job, engine thread only
+
+    # -- the asyncio side ------------------------------------------------------------------------------------
+    def submit(self, items: Sequence[tuple[list[int], SamplingParams]]) -> Submission:
+        """Queue requests (one per (prompt ids, params)); raises EngineDeadError, EngineNotReadyError or
+        QueueFullError at once instead of queueing."""
+        self._check_alive()
+        # Requests that will find a free batch slot at the next step do not wait: they count against the slots.
+        free_slots = max(0, self.info.max_running - self.snapshot.get("running", 0))
+        if self.num_waiting + len(items) > self.max_waiting + free_slots:
+            raise QueueFullError(f"{self.num_waiting} requests are waiting for a batch slot already "
+                                 f"(--max-waiting {self.max_waiting}); retry later")
+        sub = Submission(self, self._loop)
+        sub.jobs = [_Job(i, list(ids), params, sub) for i, (ids, params) in enumerate(items)]
+        self.num_waiting += len(sub.jobs)
+        self._submissions.add(sub)
+        self._inbox.put(("add", sub.jobs))  # one item: the engine acks them all before any token
+        return sub
 
     def _abort(self, jobs: list[_Job], reason: str) -> None:
         for job in jobs:
@@ -248,37 +339,9 @@ class AsyncEngine:
             sub._put(("dead", message))
         self._submissions.clear()
 
-    def _post(self, fn: Callable, *args) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
     # -- the engine thread -----------------------------------------------------------------------------------
-    def _main(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            llm = self._factory()
-            self._llm = llm
-            self.info = _engine_info(llm, time.perf_counter() - t0)
-            self._snapshot()
-        except BaseException as e:  # noqa: BLE001 - any failure must reach the server, not vanish
-            self.failed_at_startup = True
-            self.startup_error = e
-            self._die(f"the engine failed to start: {type(e).__name__}: {e}")
-            return
-        self.ready.set()
-        try:
-            self._run()
-        except BaseException as e:  # noqa: BLE001
-            log.exception("graphcap: the engine loop died")
-            self._die(f"the engine loop died: {type(e).__name__}: {e}")
-        finally:
-            try:
-                llm.shutdown()
-            except Exception:  # noqa: BLE001 - best effort at exit
-                log.exception("graphcap: engine shutdown failed")
-            self.stopped.set()
+    def _make_info(self, llm, startup_seconds: float) -> "EngineInfo":
+        return _engine_info(llm, startup_seconds)
 
     def _run(self) -> None:
         llm = self._llm
@@ -317,12 +380,7 @@ class AsyncEngine:
                         self._llm.abort_request(job.req, reason)
                         aborted = True
             elif kind == "call":
-                _, fn, fut = item
-                try:
-                    result, error = fn(self._llm), None
-                except Exception as e:  # noqa: BLE001 - handed back to the caller
-                    result, error = None, e
-                self._post(_resolve, fut, result, error)
+                self._answer_call(item[1], item[2])
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -383,22 +441,12 @@ class AsyncEngine:
                          "preemptions": llm.scheduler.preemptions}
 
     def _die(self, message: str) -> None:
-        self.dead_reason = message
         self._active.clear()
-        if self._loop is not None:
-            self._post(self._deliver_death, message)
-        # Calls waiting in the inbox would otherwise wait for their timeout.
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if item[0] == "call":
-                self._post(_resolve, item[2], None, EngineDeadError(message))
-        self.stopped.set()
+        super()._die(message)
 
 
-def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+def resolve_future(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """On the asyncio thread: settle `fut` unless its caller gave up on it (timed out, cancelled)."""
     if fut.done():
         return
     if error is not None:
@@ -409,7 +457,7 @@ def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> N
 
 def _engine_info(llm, startup_seconds: float) -> EngineInfo:
     if getattr(llm, "_embedder", None) is not None:
-        raise UserError(f"{llm.config.model!r} is an encoder model: graphcap serve serves decoders (generate, chat)")
+        raise UserError(f"{llm.config.model!r} is an encoder model: serve it with EmbedEngine, not AsyncEngine")
     template, template_error, stops = None, None, ()
     if llm.tokenizer is not None:
         try:

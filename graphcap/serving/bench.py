@@ -1,4 +1,4 @@
-"""`graphcap serve-bench`: a load generator for an OpenAI-compatible server (graphcap serve, or any other).
+"""`graphcap bench serve`: a load generator for an OpenAI-compatible server (graphcap serve, or any other).
 
 `--concurrency` clients each send streaming requests back to back until `--requests` have been sent; every
 request records when each chunk arrived. Reported: throughput (requests, output tokens per second), time to
@@ -272,7 +272,7 @@ def render(result: dict) -> str:
         return "-" if v is None else f"{v:.1f}"
 
     lines = [
-        f"serve-bench: {c['model']} at {c['url']} ({c['endpoint']}), concurrency {c['concurrency']}, "
+        f"bench serve: {c['model']} at {c['url']} ({c['endpoint']}), concurrency {c['concurrency']}, "
         f"{c['requests']} requests x {c['max_tokens']} max tokens",
         f"completed {s['completed']}/{s['requests']}, errors {s['errors']}, {s['duration_s']:.2f} s, "
         f"{s['requests_per_s']:.2f} req/s, {s['output_tokens_per_s']:.1f} output tok/s",

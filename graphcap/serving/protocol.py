@@ -224,3 +224,55 @@ def prompt_token_lists(prompt: Any, encode, has_tokenizer: bool) -> list[list[in
     if not has_tokenizer:
         raise bad("this model has no tokenizer: send 'prompt' as token ids", "prompt")
     return [encode(p) for p in prompts]
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per /v1/embeddings request
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"} | _IGNORED
+
+
+@dataclass
+class EmbeddingRequest:
+    """A checked /v1/embeddings body: `texts` or `token_ids` is set, never both."""
+
+    model: str
+    texts: list[str] | None
+    token_ids: list[list[int]] | None
+    encoding_format: str  # "float" or "base64" (little-endian float32, as OpenAI sends it)
+    dimensions: int | None
+
+
+def parse_embedding(body: Any) -> EmbeddingRequest:
+    """`input` as OpenAI takes it: a string, a list of strings, a list of token ids or a list of such lists."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    for name in body:
+        if name not in EMBEDDING_FIELDS:
+            raise bad(f"unrecognized request argument: {name!r}", name, "unsupported_parameter")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("'model' is required and must be a string", "model")
+    fmt = _opt(body, "encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise bad(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", "encoding_format")
+    dimensions = _int(body, "dimensions", None, lo=1)
+    value = body.get("input")
+    texts, token_ids = None, None
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, list) and value and all(isinstance(x, str) for x in value):
+        texts = value
+    elif isinstance(value, list) and value and all(_is_int(t) for t in value):
+        token_ids = [value]
+    elif isinstance(value, list) and value and all(isinstance(x, list) and all(_is_int(t) for t in x)
+                                                  for x in value):
+        token_ids = value
+    else:
+        raise bad("'input' must be a non-empty string, a list of strings, a list of token ids or a list of such "
+                  "lists", "input")
+    inputs = texts if texts is not None else token_ids
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise bad(f"'input' holds at most {MAX_EMBEDDING_INPUTS} items, got {len(inputs)}", "input")
+    for i, x in enumerate(inputs):
+        if not x:
+            raise bad(f"input {i} is empty", "input")
+    return EmbeddingRequest(model, texts, token_ids, fmt, dimensions)

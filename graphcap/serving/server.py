@@ -1,4 +1,5 @@
-"""`graphcap serve`: uvicorn in the main thread (it owns the signals), the engine in its own thread.
+"""`graphcap serve`: uvicorn in the main thread (it owns the signals), the engine in its own thread: the decoder
+loop (AsyncEngine) for a decoder checkpoint, the batching encoder (EmbedEngine) for an encoder one.
 
 The socket opens at once and /health answers 503 while the engine builds; a line on stderr says when it is
 ready and where. SIGTERM (or Ctrl-C): stop accepting, let in-flight requests finish for up to the grace period,
@@ -34,9 +35,11 @@ class ServeOptions:
 def serve(opts: ServeOptions) -> int:
     import uvicorn
 
+    from graphcap.engine.embedder import is_encoder_checkpoint
     from graphcap.errors import UserError
     from graphcap.serving.app import ServerSettings, build_app
-    from graphcap.serving.async_engine import AsyncEngine
+    from graphcap.serving.async_engine import AsyncEngine, EngineThread
+    from graphcap.serving.embed_engine import EmbedEngine
     from graphcap.serving.metrics import ServerMetrics
 
     def build_llm():
@@ -49,7 +52,8 @@ def serve(opts: ServeOptions) -> int:
 
         torch.set_num_threads(opts.threads)
     name = opts.served_model_name or opts.model
-    engine = AsyncEngine(build_llm, max_waiting=opts.max_waiting)
+    engine_class = EmbedEngine if is_encoder_checkpoint(opts.model) else AsyncEngine
+    engine = engine_class(build_llm, max_waiting=opts.max_waiting)
     metrics = ServerMetrics(engine, name)
     engine._on_step = metrics.on_step
     state: dict[str, Any] = {"exit": 0, "server": None}
@@ -65,7 +69,7 @@ def serve(opts: ServeOptions) -> int:
     def on_ready() -> None:
         asyncio.get_running_loop().create_task(announce())
 
-    def on_startup_failure(eng: AsyncEngine) -> None:
+    def on_startup_failure(eng: EngineThread) -> None:
         print(f"graphcap: error: {eng.dead_reason}", file=sys.stderr, flush=True)
         state["exit"] = 2 if isinstance(eng.startup_error, UserError) else 1
         state["server"].should_exit = True

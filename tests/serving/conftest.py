@@ -102,14 +102,15 @@ class InProcessServer:
 
     def __init__(self, llm_factory, *, max_waiting: int = 256, api_key: str | None = None,
                  request_timeout: float | None = None, grace: float = 5.0, model_name: str = "tiny",
-                 wait_ready: bool = True) -> None:
+                 wait_ready: bool = True, encoder: bool = False) -> None:
         import uvicorn
 
         from graphcap.serving.app import ServerSettings, build_app
         from graphcap.serving.async_engine import AsyncEngine
+        from graphcap.serving.embed_engine import EmbedEngine
         from graphcap.serving.metrics import ServerMetrics
 
-        self.engine = AsyncEngine(llm_factory, max_waiting=max_waiting)
+        self.engine = (EmbedEngine if encoder else AsyncEngine)(llm_factory, max_waiting=max_waiting)
         self.metrics = ServerMetrics(self.engine, model_name)
         self.engine._on_step = self.metrics.on_step
         settings = ServerSettings(model_name=model_name, api_key=api_key, request_timeout=request_timeout)

@@ -1,7 +1,7 @@
 """`graphcap serve` as a real process on the tiny llama (with a chat template), driven by the official `openai`
 client and by raw HTTP: greedy outputs equal `LLM.generate`/`LLM.chat`, streaming equals non-streaming, stop
-strings and stop token ids, n choices, seeds, usage, errors in OpenAI's shape, metrics, disconnects, and
-`graphcap serve-bench` against it."""
+strings and stop token ids, n choices, seeds, usage, errors in OpenAI's shape (/v1/embeddings included: a
+decoder does not serve it), metrics, disconnects, and `graphcap bench serve` against it."""
 
 from __future__ import annotations
 
@@ -208,6 +208,7 @@ def test_n_choices_and_seeds(client, ref):
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "the"}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
      "unsupported_parameter"),
+    ("/v1/embeddings", {"model": MODEL, "input": "the cat"}, "model", "unsupported_endpoint"),
 ])
 def test_invalid_requests_are_400s(server, path, body, param, code):
     r = httpx.post(server.url + path, json=body)
@@ -296,13 +297,13 @@ def test_disconnects_free_pages_and_survivors_finish(server):
     assert 'graphcap_request_finish_total{reason="disconnect"} 16.0' in text
 
 
-def test_serve_bench_against_the_server(server, tmp_path):
+def test_bench_serve_against_the_server(server, tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "graphcap", "serve-bench", "--url", server.url, "--concurrency", "4",
+    r = subprocess.run([sys.executable, "-m", "graphcap", "bench", "serve", "--url", server.url, "--concurrency", "4",
                         "--requests", "8", "--max-tokens", "8", "--ignore-eos", "--prompt", "the cat sat",
                         "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "TTFT (ms)" in r.stdout and "inter-token (ms)" in r.stdout
+    assert r.stdout.startswith("bench serve: tiny") and "TTFT (ms)" in r.stdout and "inter-token (ms)" in r.stdout
     result = json.loads(out.read_text())
     s = result["summary"]
     assert (s["completed"], s["errors"], s["output_tokens"]) == (8, 0, 64)

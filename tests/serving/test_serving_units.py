@@ -1,6 +1,6 @@
 """Units without a server. IncrementalDetokenizer: streamed deltas add up to the full decode, never carry half a
 UTF-8 character, and stop strings are matched across token boundaries and never leak into a delta before they
-are cut. serve-bench's percentiles and table."""
+are cut. `graphcap bench serve`'s percentiles and table."""
 
 from __future__ import annotations
 
