@@ -1,4 +1,5 @@
-"""The `graphcap` command line: `generate`, `chat`, `embed` and `bench`. User mistakes print one line and exit 2."""
+"""The `graphcap` command line: `generate`, `chat`, `embed`, `bench`, `serve` and `bench serve`. User mistakes print
+one line and exit 2."""
 
 from __future__ import annotations
 
@@ -158,16 +159,23 @@ def _print_output(llm, out, as_json: bool) -> int:
     return 0
 
 
+# The bench times its rows at one thread unless told otherwise: on a shared 2-core machine a second thread
+# stalls every parallel region whenever the other core is busy, and ratios need a stable baseline.
+BENCH_THREADS = 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from graphcap.bench.report import render, write_json
     from graphcap.bench.runner import BenchOptions, run_bench
+    from graphcap.config import EngineConfig
 
     kwargs = engine_kwargs(args)
     opts = BenchOptions(
         model=args.model, engine_kwargs=kwargs, graph_decode=(args.graph_decode or "full").split(","),
         graph_prefill=(args.graph_prefill or "breakable").split(","), batch_sizes=args.batch_sizes, iters=args.iters,
         steps_per_turn=args.steps_per_turn, e2e_iters=args.e2e_iters, hf=not args.no_hf, hf_compile=args.hf_compile,
-        allreduce=args.allreduce, threads=args.threads,
+        allreduce=args.allreduce, threads=args.threads or BENCH_THREADS, peers=args.peer,
+        peer_threads=args.peer_threads or sorted({1, EngineConfig(model=args.model).intra_op_threads()}),
     )
     result = run_bench(opts)
     if args.encoder:
@@ -234,12 +242,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("GRAPHCAP_API_KEY") or None, max_waiting=args.max_waiting,
         request_timeout=args.request_timeout, served_model_name=args.served_model_name,
         shutdown_timeout=args.shutdown_timeout, access_log=args.access_log, verbose=args.verbose,
-        threads=args.threads,
+        threads=args.threads or 0,
     )
     return serve(opts)
 
 
-def cmd_serve_bench(args: argparse.Namespace) -> int:
+def cmd_bench_serve(args: argparse.Namespace) -> int:
     from graphcap.serving.bench import BenchServeOptions, render, run_serve_bench, write_json
 
     opts = BenchServeOptions(
@@ -252,6 +260,60 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(result, args.json)
     return 0 if result["summary"]["errors"] == 0 else 1
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    """Start the engine once, so that the graph cache holds every graph and capture decision a later start with
+    the same options restores (`graphcap serve` then starts warm)."""
+    from graphcap import LLM
+    from graphcap.config import config_from_kwargs
+    from graphcap.executor.graph_cache import wants_graph_cache
+    from graphcap.graph.cache import switched_off
+
+    kwargs = engine_kwargs(args)
+    if switched_off() or not wants_graph_cache(config_from_kwargs(args.model, kwargs)):
+        raise UserError("the graph cache is off for these options (tensor parallelism, CUDA, no graphs, "
+                        "--no-graph-cache, --no-cache or GRAPHCAP_GRAPH_CACHE=0): nothing to warm up")
+    with LLM(args.model, **kwargs) as llm:
+        stats = llm.stats()
+    cache = stats.get("graph_cache") or {}
+    if not cache.get("enabled"):
+        raise UserError(f"the graph cache is off ({cache.get('warning') or 'not a decoder checkpoint'})")
+    s = stats["startup"]
+    print(f"{cache['dir']}: {s['cache']} start in {s['seconds']:.1f} s, {s['cache_hits']} buckets restored, "
+          f"{s['cache_misses']} captured")
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`cache ls`: the graph cache's entries with their sizes; `cache rm`: remove some or all of them."""
+    import time
+
+    from graphcap.graph.cache import list_entries, remove_entries
+
+    if args.cache_command == "ls":
+        entries = list_entries(args.cache_dir)
+        for e in entries:
+            saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.about["saved"])) if "saved" in e.about else "-"
+            graphs = ", ".join(f"{phase} {n}" for phase, n in e.graphs.items()) or "incomplete"
+            print(f"{e.key}  {_mib(e.bytes):>10}  {saved}  {e.about.get('model', '?')}  graphs: {graphs}")
+        print(f"{len(entries)} entries, {_mib(sum(e.bytes for e in entries))}")
+        return 0
+    if not args.keys and not args.all:
+        raise UserError("cache rm needs entry keys (or unique prefixes of them), or --all")
+    if args.keys:
+        known = [e.key for e in list_entries(args.cache_dir)]
+        for k in args.keys:
+            matches = [key for key in known if key.startswith(k)]
+            if len(matches) != 1:
+                raise UserError(f"{k!r} matches {len(matches)} cache entries; `graphcap cache ls` lists them")
+    removed = remove_entries(args.keys, args.cache_dir)
+    print(f"removed {len(removed)} entries, {_mib(sum(e.bytes for e in removed))}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat, max_new_tokens=256)
     chat.set_defaults(func=cmd_chat)
 
-    bench = sub.add_parser("bench", help="benchmark graph modes against eager and peers (BENCHMARKS.md)")
+    bench = sub.add_parser("bench", help="benchmark graph modes against eager and peers (BENCHMARKS.md); "
+                                         "`graphcap bench serve`: load-test a running server",
+                           epilog="`graphcap bench serve --url URL ...` load-tests a running `graphcap serve` "
+                                  "instead (see `graphcap bench serve --help`).")
     add_engine_args(bench)
     bench.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16], help="decode batch sizes")
     bench.add_argument("--iters", type=_positive_int, default=20, help="interleaved timing turns per step row")
@@ -284,11 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-hf", action="store_true", help="skip the HF transformers peers")
     bench.add_argument("--hf-compile", action="store_true", help="also time HF static cache + torch.compile (slow)")
     bench.add_argument("--allreduce", action="store_true", help="also time all-reduce (always with --tp > 1)")
-    bench.add_argument("--threads", type=int, default=1,
-                       help="torch intra-op threads (default 1: on a shared 2-core machine a second thread stalls "
-                            "every parallel region for milliseconds; 0 keeps torch's own choice)")
     bench.add_argument("--encoder", default=None, metavar="MODEL",
                        help="also time an encoder (e.g. minilm): eager vs full graphs, batch 1/8/32 x seq 16/128")
+    bench.add_argument("--peer", action="append", choices=["llamacpp"], default=[],
+                       help="also time llama.cpp on the same GGUF file (needs the optional extra: "
+                            "pip install -e '.[llamacpp]', a source build)")
+    bench.add_argument("--peer-threads", type=_int_list, default=None,
+                       help="thread counts of the peer rows (default: 1 and every core)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     bench.set_defaults(func=cmd_bench)
 
@@ -320,13 +387,37 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
                      help="on SIGTERM, seconds in-flight requests may take to finish before they are aborted")
     srv.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    srv.add_argument("--threads", type=_non_negative_int, default=0,
-                     help="torch intra-op threads (default 0: torch's own choice; on a small shared machine 1 "
-                          "avoids oversubscription stalls)")
+    if "--threads" not in srv._option_string_actions:  # unless an engine option of that name generated it
+        srv.add_argument("--threads", type=_non_negative_int, default=0,
+                         help="torch intra-op threads (default 0: torch's own choice; on a small shared machine 1 "
+                              "avoids oversubscription stalls)")
     srv.set_defaults(func=cmd_serve)
 
-    sb = sub.add_parser("serve-bench", help="load-test a running `graphcap serve` (throughput, TTFT, inter-token "
-                                            "latency)")
+    warm = sub.add_parser("warmup", help="capture and cache a model's graphs without serving: later starts with "
+                                         "the same options are warm")
+    add_engine_args(warm)
+    warm.set_defaults(func=cmd_warmup)
+
+    cache = sub.add_parser("cache", help="list (ls) or remove (rm) graph cache entries")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("ls", "list the entries and their sizes"), ("rm", "remove entries")):
+        sp = cache_sub.add_parser(name, help=text)
+        sp.add_argument("--cache-dir", default=None, help="the cache directory (default: the user cache dir)")
+        if name == "rm":
+            sp.add_argument("keys", nargs="*", metavar="KEY", help="entry keys or unique prefixes of them")
+            sp.add_argument("--all", action="store_true", help="remove every entry")
+    cache.set_defaults(func=cmd_cache)
+
+    return parser
+
+
+def build_bench_serve_parser() -> argparse.ArgumentParser:
+    """`graphcap bench serve`: its flags have nothing in common with `graphcap bench`'s (which needs --model), so
+    it is a parser of its own that `main` picks when `serve` follows `bench`."""
+    sb = argparse.ArgumentParser(prog="graphcap bench serve",
+                                 description="Load-test a running OpenAI-compatible server (`graphcap serve` or any "
+                                             "other) with streaming requests: throughput, time to first token, "
+                                             "inter-token and end-to-end latency percentiles, errors.")
     sb.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     sb.add_argument("--concurrency", type=_positive_int, default=8, help="clients sending requests at once")
     sb.add_argument("--requests", type=_positive_int, default=64, help="requests in all")
@@ -334,17 +425,29 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--prompt", default="Write a short story about a robot learning to paint.",
                     help="the prompt every request sends")
     sb.add_argument("--chat", action="store_true", help="use /v1/chat/completions (default: /v1/completions)")
-    sb.add_argument("--model", dest="bench_model", default=None, help="model name (default: the server's first)")
+    sb.add_argument("--model", dest="bench_model", default=None, metavar="NAME", help="model name (default: the server's first)")
     sb.add_argument("--api-key", default=None)
     sb.add_argument("--ignore-eos", action="store_true", help="ask for exactly --max-tokens tokens per request")
     sb.add_argument("--timeout", type=_seconds, default=600.0, help="seconds per request")
     sb.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    sb.set_defaults(func=cmd_serve_bench)
-    return parser
+    sb.set_defaults(func=cmd_bench_serve)
+    return sb
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`graphcap [-v] bench serve ...` goes to its own parser; everything else to the main one."""
+    start = 0
+    while start < len(argv) and argv[start] in ("-v", "--verbose"):
+        start += 1
+    if argv[start:start + 2] == ["bench", "serve"]:
+        args = build_bench_serve_parser().parse_args(argv[start + 2:])
+        args.verbose = start > 0
+        return args
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="graphcap: %(message)s")
     try:
         return args.func(args)

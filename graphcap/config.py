@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class EngineConfig:
     device: str = option("cpu", "cpu (default) or cuda")
     dtype: str = option("float32", "float32 (default), bfloat16 or float16")
     tp_size: int = option(1, "tensor-parallel ranks", flag="--tp")
+    threads: int | None = option(None, "intra-op threads of eager ops, compiled code and graphcap's kernels "
+                                       "(default: every core this process may use, shared by the TP ranks)")
     # None: the default for a decoder, graphs (decode "full", prefill "breakable", as SGLang and vLLM default
     # to graphs); encoders take graph_encoder instead. "eager" turns a phase's graphs off.
     graph_decode: str | None = option(None, "full (default), piecewise or eager")
@@ -64,11 +67,15 @@ class EngineConfig:
     encoder_seq_lens: list[int] | tuple[int, ...] = option(DEFAULT_ENCODER_SEQ_LENS, "encoder sequence buckets")
     encoder_parallel: str = option("tp", "tp: encoder sharded over the TP group; dp: whole encoder per rank")
     # compilation (graph_decode="piecewise"): quantization, compiler config and its artifact cache
-    quantization: str | None = option(None, "none (default), fp8 or fp8-static")
+    quantization: str | None = option(
+        None, "weights: a quantised GGUF keeps its own blocks on CPU by default (gguf), other checkpoints load "
+        "unquantised (none); int8 / int4 quantise a float checkpoint at load; fp8, fp8-static")
     compilation_config: dict | CompilationConfig | None = option(
         None, "compilation options (backend, custom_ops, pass_config, ...) as JSON or a JSON file")
     cache_dir: str | None = option(None, "compiled-artifact cache (default: the user cache dir)")
     use_cache: bool = option(True, "neither read nor write compiled artifacts", flag="--no-cache")
+    graph_cache: bool = option(True, "neither restore nor save captured graphs and their capture decisions "
+                                     "(also GRAPHCAP_GRAPH_CACHE=0)", flag="--no-graph-cache")
     extra: dict = field(default_factory=dict)
 
     def prefill_graph(self) -> PrefillGraphConfig:
@@ -129,6 +136,12 @@ class EngineConfig:
             raise UserError(f"use_cache must be true or false, got {self.use_cache!r}")
         return cc if self.use_cache else dataclasses.replace(cc, use_cache=False)
 
+    def intra_op_threads(self) -> int:
+        if self.threads is not None:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // self.tp_size)
+
     def validate(self) -> None:
         _check_inductor_options(self.inductor_options)
         self.decode_graph().validate()
@@ -142,6 +155,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise UserError(f"threads must be a positive integer, got {self.threads!r}")
         if self.kv_cache_tokens is not None and (not isinstance(self.kv_cache_tokens, int) or self.kv_cache_tokens < 1):
             raise UserError(f"kv_cache_tokens must be a positive integer, got {self.kv_cache_tokens!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):

@@ -23,6 +23,10 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# Tests start engines cold: a graph restored from the user's cache (or from another test) would skip the
+# capture, verification and timing they are about. tests/graph/test_graph_cache.py turns the cache on.
+os.environ["GRAPHCAP_GRAPH_CACHE"] = "0"
+
 VOCAB = 256
 MAX_POS = 256
 BOS, EOS = 1, 2

@@ -142,3 +142,73 @@ def test_every_engine_option_is_a_flag_with_help():
     cfg = config_from_kwargs("tiny", engine_kwargs(args))
     assert (cfg.page_size, cfg.max_model_len, cfg.max_prefill_padding, cfg.decode_attention) == (8, 64, 1.5, "opaque")
     assert cfg.max_decode_batch_size == 4 and cfg.cpu_kernels is False and cfg.inductor_options == {"freezing": True}
+
+
+def test_bench_serve_has_its_own_flags(capsys):
+    """`graphcap bench serve` takes the load generator's flags (no --model needed), `graphcap bench` its own."""
+    from graphcap.cli import parse_args
+
+    code, _, err = run_cli(capsys, "bench", "serve", "--url", "ftp://nowhere")
+    assert_user_error(code, err, "--url must start with http:// or https://")
+    code, _, err = run_cli(capsys, "bench", "serve", "--url", "http://127.0.0.1:1", "--requests", "1")
+    assert_user_error(code, err, "cannot reach http://127.0.0.1:1")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "serve", "--concurrency", "0"])
+    assert exc.value.code == 2 and "--concurrency" in capsys.readouterr().err
+    args = parse_args(["-v", "bench", "serve", "--concurrency", "3", "--json", "out.json"])
+    assert (args.verbose, args.concurrency, args.json, args.url) == (True, 3, "out.json", "http://127.0.0.1:8000")
+    assert parse_args(["bench", "--model", "tiny"]).func.__name__ == "cmd_bench"
+
+
+def _fake_cache_entry(root, checkpoint: str) -> str:
+    """A graph cache entry without compiling anything: one unit of 4 KiB and one decision."""
+    from graphcap.graph.cache import GraphCache
+
+    cache = GraphCache.open(root, {"checkpoint": checkpoint}, {"model": f"model-{checkpoint}"})
+    unit = cache.unit("step")
+    with unit.compiling():
+        pass
+    unit.save(lambda path: (path / "artifact.bin").write_bytes(b"x" * 4096))
+    cache.record("decode", {"buckets": {"2": {"status": "graph"}, "4": {"status": "eager"}}})
+    cache.save()
+    return cache.key
+
+
+def test_cache_ls_and_rm(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("GRAPHCAP_GRAPH_CACHE")  # conftest turns the graph cache off for the suite
+    first, second = _fake_cache_entry(tmp_path, "a"), _fake_cache_entry(tmp_path, "b")
+    where = ("--cache-dir", str(tmp_path))
+    code, out, _ = run_cli(capsys, "cache", "ls", *where)
+    assert code == 0 and out.splitlines()[-1] == "2 entries, 0.0 MiB"
+    assert any(line.startswith(first) and "model-a" in line and "graphs: decode 1" in line for line in out.splitlines())
+    code, _, err = run_cli(capsys, "cache", "rm", *where)
+    assert_user_error(code, err, "needs entry keys")
+    code, _, err = run_cli(capsys, "cache", "rm", "zzz", *where)
+    assert_user_error(code, err, "matches 0 cache entries")
+    code, out, _ = run_cli(capsys, "cache", "rm", first[:8], *where)
+    assert code == 0 and out.startswith("removed 1 entries")
+    code, out, _ = run_cli(capsys, "cache", "ls", *where)
+    assert first not in out and second in out
+    code, out, _ = run_cli(capsys, "cache", "rm", "--all", *where)
+    assert code == 0 and out.startswith("removed 1 entries")
+    assert run_cli(capsys, "cache", "ls", *where)[1] == "0 entries, 0.0 MiB\n"
+
+
+def test_warmup_needs_the_graph_cache(capsys):
+    code, _, err = run_cli(capsys, "warmup", "--model", "tiny")  # GRAPHCAP_GRAPH_CACHE=0 (conftest)
+    assert_user_error(code, err, "the graph cache is off")
+
+
+@pytest.mark.slow
+def test_warmup_fills_the_graph_cache(capsys, tmp_path, monkeypatch, llama_ckpt):
+    """`graphcap warmup` leaves what a later start with the same engine options restores."""
+    monkeypatch.delenv("GRAPHCAP_GRAPH_CACHE")
+    argv = ("warmup", "--model", str(llama_ckpt.path), "--cache-dir", str(tmp_path), "--graph-prefill", "eager",
+            "--decode-sizes", "2", "--graph-select", "always", "--kv-cache-tokens", "512",
+            "--max-running-requests", "2", "--threads", "1")
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0 and "cold start" in out and "0 buckets restored, 1 captured" in out
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0 and "warm start" in out and "1 buckets restored, 0 captured" in out
+    code, out, _ = run_cli(capsys, "cache", "ls", "--cache-dir", str(tmp_path))
+    assert str(llama_ckpt.path) in out and "graphs: decode 1" in out and "1 entries" in out

@@ -62,13 +62,11 @@ def build_metadata(
     extend_lens: Sequence[int],
     page_size: int,
     device: torch.device,
-    num_pages_cols: int | None = None,
 ) -> AttentionMetadata:
     """Out-of-graph prepare for a batch where request i adds `extend_lens[i]` tokens after
     `prefix_lens[i]` cached ones (decode is extend_len == 1)."""
     max_q = max(extend_lens)
-    need_pages = max(-(-(p + e) // page_size) for p, e in zip(prefix_lens, extend_lens))
-    cols = need_pages if num_pages_cols is None else num_pages_cols
+    cols = max(-(-(p + e) // page_size) for p, e in zip(prefix_lens, extend_lens))
     # Plain lists, one tensor per field: this runs every step, and per-element tensor writes would cost
     # more than the decode step itself on a small model.
     block_rows: list[list[int]] = []

@@ -13,7 +13,6 @@ from graphcap.attention.metadata import AttentionMetadata
 class ForwardMode(enum.Enum):
     PREFILL = "prefill"  # new tokens of one or more requests, possibly on top of a cached prefix
     DECODE = "decode"  # exactly one new token per request
-    TARGET_VERIFY = "target_verify"  # speculative-decoding verification; reserved, runners refuse it
 
 
 @dataclass

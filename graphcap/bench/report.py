@@ -71,6 +71,9 @@ COLUMNS: dict[str, list[Column]] = {
     "prefill": [("case", "case", str), ("tokens", "tokens", _num("d"))] + _STEP,
     "e2e": _E2E,
     "peer": _E2E,
+    "llamacpp": [("row", "mode", str), ("threads", "threads", _num("d")), ("requests", "batch_size", _num("d")),
+                 ("graphcap", "graphcap", _num(".2f")), ("llama.cpp", "llamacpp", _num(".2f")),
+                 ("unit", "unit", str), ("graphcap faster by", "speedup_vs_peer", _speedup)],
     "floor": [("what", "mode", str), ("ms/step", "ms_median", _num(".3f")), ("GB/s", "bandwidth_gbps", _num(".2f")),
               ("weight MB read/step", "weight_mb", _num(".1f"))],
     "dtype": [("mode", "mode", str), ("dtype", "dtype", str), ("rel err", "rel_err", _num(".2e")),
@@ -90,6 +93,8 @@ TITLES = {
     "prefill": "Prefill step latency",
     "e2e": "End-to-end generation: 16 requests x 32 prompt tokens, 64 new tokens (greedy, ignore_eos)",
     "peer": "Peers on the identical weights, same prompts (timed round-robin with the e2e rows)",
+    "llamacpp": "llama.cpp on the same GGUF file, same prompt and thread count (turns interleaved; batch 1: "
+                "ms per generated token, prefill excluded)",
     "floor": "Bandwidth floor (weights read per decode step / measured copy bandwidth)",
     "dtype": "Reduced precision against float32 on the same weights: fixed prompts, the float32 greedy tokens fed "
              "to both (rel err = max |logits - fp32| / max |fp32|), then free-running greedy generation",

@@ -23,6 +23,7 @@ import torch
 from graphcap.bench.decode import decode_rows
 from graphcap.bench.e2e import NEW_TOKENS, e2e_rows, llm_contender, make_prompts
 from graphcap.bench.floor import floor_rows
+from graphcap.bench.llamacpp import peer_rows
 from graphcap.bench.peers import gguf_file, model_source
 from graphcap.bench.prefill import prefill_rows
 from graphcap.bench.tp import tp_decode_rows
@@ -50,6 +51,8 @@ class BenchOptions:
     hf_compile: bool = False
     allreduce: bool = False
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    peers: list[str] = field(default_factory=list)  # "llamacpp"
+    peer_threads: list[int] = field(default_factory=lambda: [1, 2])
 
 
 _stages: list[tuple[str, float]] = []  # (message, perf_counter at its start) of the current run
@@ -120,6 +123,7 @@ def run_bench(opts: BenchOptions) -> dict:
     notes: list[str] = []
     if opts.threads:
         torch.set_num_threads(opts.threads)
+        kw["threads"] = opts.threads  # the engines keep the bench's thread count, not every core
     load_before = os.getloadavg()
 
     _stages.clear()
@@ -150,6 +154,11 @@ def run_bench(opts: BenchOptions) -> dict:
             results += prefill_rows(eager, {m: e.llm for m, e in prefill_engines.items()}, opts.iters,
                                    opts.steps_per_turn)
             results += _e2e(opts, eager, engines, notes)
+            if "llamacpp" in opts.peers:
+                mode, engine = next(iter(decode_engines.items()), ("eager", engines["eager"]))
+                stage(f"llama.cpp peer at {opts.peer_threads} thread(s), {opts.e2e_iters} round(s)")
+                results += peer_rows(engine.llm, gguf_file(opts.model), mode, opts.peer_threads, opts.e2e_iters,
+                                     notes)
             stage("bandwidth floor")
             results += floor_rows(eager.runner.model, gguf_file(opts.model))
             if dtype != "float32":

@@ -49,6 +49,13 @@ class QuantizedBlocks:
     data: torch.Tensor
     shape: tuple[int, ...]
 
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight these blocks encode, as the `gguf` package (and so HF and llama.cpp) reads it."""
+        from gguf import GGMLQuantizationType, quants
+
+        values = quants.dequantize(self.data.numpy(), GGMLQuantizationType[self.ggml_type])
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape)
+
 
 def is_gguf_path(model: str) -> bool:
     return model.lower().endswith(".gguf")
@@ -177,11 +184,17 @@ class GGUFCheckpoint:
         gguf_rows = np.arange(rows).reshape(heads, half, 2).transpose(0, 2, 1).reshape(rows)
         return gguf_rows
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named float32 tensors, dequantised one at a time (a model never holds two copies of all)."""
+    def tensors(self, keep_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedBlocks]]:
+        """HF-named float32 tensors, dequantised one at a time (a model never holds two copies of all).
+
+        With `keep_blocks`, every quantised 2-D tensor comes as its `QuantizedBlocks` instead, undecoded, for
+        layers that compute on the file's own blocks (a layer that cannot dequantises them on loading)."""
         from gguf import quants
 
         for t in self._reader.tensors:
+            if keep_blocks and self._is_quantized_matrix(t):
+                yield self._hf_name(t.name), self._blocks_of(t)
+                continue
             try:
                 values = quants.dequantize(t.data, t.tensor_type)
             except (NotImplementedError, ValueError) as e:
@@ -193,25 +206,29 @@ class GGUFCheckpoint:
                 tensor = tensor[torch.from_numpy(order)]
             yield self._hf_name(t.name), tensor
 
+    def has_quantized_tensors(self) -> bool:
+        return any(self._is_quantized_matrix(t) for t in self._reader.tensors)
+
     def blocks(self) -> dict[str, QuantizedBlocks]:
         """Every quantised 2-D tensor's blocks by HF name (rows in HF order), memory-mapped, not copied
         beyond the row reorder of q/k."""
+        return {self._hf_name(t.name): self._blocks_of(t) for t in self._reader.tensors if self._is_quantized_matrix(t)}
+
+    @staticmethod
+    def _is_quantized_matrix(tensor) -> bool:
         from gguf import GGMLQuantizationType
 
         plain = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
-        out: dict[str, QuantizedBlocks] = {}
-        for t in self._reader.tensors:
-            if t.tensor_type in plain or len(t.shape) != 2:
-                continue
-            with warnings.catch_warnings():  # the blocks are a read-only file mapping and are never written
-                warnings.simplefilter("ignore", UserWarning)
-                data = torch.from_numpy(np.asarray(t.data))
-            order = self._row_order(t.name, data.shape[0])
-            if order is not None:
-                data = data[torch.from_numpy(order)]
-            shape = tuple(int(d) for d in reversed(t.shape))
-            out[self._hf_name(t.name)] = QuantizedBlocks(t.tensor_type.name, data, shape)
-        return out
+        return tensor.tensor_type not in plain and len(tensor.shape) == 2
+
+    def _blocks_of(self, tensor) -> QuantizedBlocks:
+        with warnings.catch_warnings():  # the blocks are a read-only file mapping and are never written
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(np.asarray(tensor.data))
+        order = self._row_order(tensor.name, data.shape[0])
+        if order is not None:
+            data = data[torch.from_numpy(order)]
+        return QuantizedBlocks(tensor.tensor_type.name, data, tuple(int(d) for d in reversed(tensor.shape)))
 
     def chat_template(self) -> str | None:
         template = self.metadata.get("tokenizer.chat_template")

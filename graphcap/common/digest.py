@@ -19,9 +19,10 @@ def digest_of(obj: Any, length: int = 16) -> str:
 
 @functools.cache
 def source_digest() -> str:
-    """Hash of every graphcap source file: an edit anywhere in the engine can change traced graphs."""
+    """Hash of every graphcap source file, Python and C++ (the kernels): an edit anywhere in the engine can
+    change traced graphs, or how fast they run against eager."""
     h = hashlib.sha256()
-    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
+    for path in sorted(p for p in PACKAGE_ROOT.rglob("*") if p.suffix in (".py", ".cpp", ".h")):
         h.update(str(path.relative_to(PACKAGE_ROOT)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()

@@ -155,13 +155,17 @@ class LLM:
         self.shutdown()
 
     def _say_ready(self) -> None:
-        """Graph capture takes seconds to minutes; one line on stderr says where the time went."""
+        """Graph capture takes seconds to minutes; one line on stderr says where the time went, and whether
+        the graph cache made it a warm start."""
         stats = self.runner.stats()
         if self._rank != 0 or all(stats.get(p, {}).get("mode", "eager") == "eager" for p in ("decode", "prefill")):
             return
         s = startup_breakdown({**stats, "load_seconds": self.load_seconds, "startup_seconds": self.startup_seconds})
-        print(f"graphcap: ready in {s['seconds']:.1f} s (load {s['load']:.1f}, kernel build {s['kernel_build']:.1f}, "
-              f"compile {s['compile']:.1f}, verify {s['verify']:.1f}, timing {s['timing']:.1f})", file=sys.stderr)
+        cache = "graph cache off" if s["cache"] == "off" else (
+            f"{s['cache']} start: {s['cache_hits']} buckets restored, {s['cache_misses']} captured")
+        print(f"graphcap: ready in {s['seconds']:.1f} s, {cache} (load {s['load']:.1f}, kernel build "
+              f"{s['kernel_build']:.1f}, compile {s['compile']:.1f}, capture {s['capture']:.1f}, verify "
+              f"{s['verify']:.1f}, timing {s['timing']:.1f}, restore {s['restore']:.1f})", file=sys.stderr)
 
     def _template(self) -> ChatTemplate:
         if self._embedder is not None:
@@ -271,15 +275,29 @@ class LLM:
 
 
 def startup_breakdown(stats: dict) -> dict:
-    """Seconds of start-up by kind: loading weights, building the C++ kernels, compiling and capturing graphs,
-    verifying them against float64 and timing them against eager (the phases' sums)."""
+    """Seconds of start-up by kind: loading weights, building the C++ kernels, compiling graphs, capturing them
+    (all of it: compiling, verifying against float64, timing against eager, restoring), and restoring them
+    from the graph cache (loading and checking them, and the cache's own reads and writes); whether the cache
+    made it a warm start (every bucket restored), a cold one (none), a partial one, or was off; and how many
+    buckets it restored (hits) and how many were captured instead (misses)."""
     phases = [stats.get(p) or {} for p in ("decode", "prefill")]
+    cache = stats.get("graph_cache") or {}
+    hits = sum((p.get("cache") or {}).get("hits", 0) for p in phases)
+    misses = sum(sum((p.get("cache") or {}).get("misses", {}).values()) for p in phases)
+    if not cache.get("enabled"):
+        state = "off"
+    else:
+        state = "warm" if not misses else "cold" if not hits else "partial"
     return {
         "seconds": round(stats.get("startup_seconds", 0.0), 3),
         "load": round(stats.get("load_seconds", 0.0), 3),
         "kernel_build": round(stats.get("kernel_build_seconds", 0.0), 3),
-        **{kind: round(sum(p.get(f"{kind}_seconds", 0.0) for p in phases), 3) for kind in ("compile", "verify",
-                                                                                            "timing")},
+        **{kind: round(sum(p.get(f"{kind}_seconds", 0.0) for p in phases), 3) for kind in ("compile", "capture",
+                                                                                            "verify", "timing")},
+        "restore": round(sum(p.get("restore_seconds", 0.0) for p in phases) + cache.get("seconds", 0.0), 3),
+        "cache": state,
+        "cache_hits": hits,
+        "cache_misses": misses,
     }
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from graphcap.common.json_file import read_json_object
-from graphcap.checkpoints.gguf import GGUFCheckpoint, is_gguf_path
+from graphcap.checkpoints.gguf import GGUFCheckpoint, QuantizedBlocks, is_gguf_path
 from graphcap.checkpoints.smollm2 import smollm2_gguf_path
 from graphcap.checkpoints.tokenizer_source import TokenizerSource, hf_tokenizer_source
 from graphcap.errors import UserError
@@ -33,6 +33,8 @@ class ModelSource:
     config: ModelConfig
     weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
     tokenizer: TokenizerSource | None
+    # A quantised GGUF's tensors with its quantised matrices left as their blocks; None for other sources.
+    block_weights: Callable[[], Iterator[tuple[str, torch.Tensor | QuantizedBlocks]]] | None = None
 
 
 def resolve_source(model: str) -> ModelSource:
@@ -65,7 +67,9 @@ def gguf_source(path: Path) -> ModelSource:
     if "tokenizer.ggml.tokens" in ckpt.metadata:
         tokenizer = TokenizerSource(lambda: _gguf_tokenizer(ckpt.metadata), ckpt.chat_template(),
                                     ckpt.special_token("bos"), ckpt.special_token("eos"), str(ckpt.path))
-    return ModelSource(str(ckpt.path), ckpt.hf_config, ModelConfig.from_hf(ckpt.hf_config), ckpt.tensors, tokenizer)
+    blocks = (lambda: ckpt.tensors(keep_blocks=True)) if ckpt.has_quantized_tensors() else None
+    return ModelSource(str(ckpt.path), ckpt.hf_config, ModelConfig.from_hf(ckpt.hf_config), ckpt.tensors, tokenizer,
+                       blocks)
 
 
 def _gguf_tokenizer(metadata: dict):
@@ -112,12 +116,15 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def build_model(
-    source: ModelSource, dtype: torch.dtype, device: torch.device, quant_method_factory=lambda: None
+    source: ModelSource, dtype: torch.dtype, device: torch.device, quant_method_factory=lambda: None,
+    keep_blocks: bool = False,
 ) -> nn.Module:
+    """`keep_blocks`: load a quantised GGUF's matrices as their blocks (for `--quantization gguf`)."""
     cls = resolve_decoder(source.config.architecture)
     with torch.device(device):
         model = cls(source.config, dtype, quant_method_factory)
-    return load_checked(model, source.weights())
+    weights = source.block_weights if keep_blocks and source.block_weights is not None else source.weights
+    return load_checked(model, weights())
 
 
 def load_checked(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> nn.Module:

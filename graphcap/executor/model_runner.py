@@ -3,7 +3,7 @@ to the phase's graph runner when that runner can take it, to eager otherwise (co
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -14,6 +14,9 @@ from graphcap.attention.op import use_cpu_kernels
 from graphcap.batch.forward_batch import ForwardBatch, ForwardMode
 from graphcap.executor.kv_cache import KVCache, num_pages_for
 from graphcap.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from graphcap.graph.cache import GraphCache
 
 
 class GraphRunner(Protocol):
@@ -59,6 +62,7 @@ class ModelRunner:
             layer.attn_backend = self.attn_backend
         self.graph_runners: dict[ForwardMode, GraphRunner] = {}
         self.compiler = None  # the piecewise compiler, when a phase uses it (graphcap.executor.setup)
+        self.graph_cache: GraphCache | None = None  # where captured graphs were restored from and saved to
         self.load_seconds = 0.0
         self.kernel_build_seconds = 0.0  # building graphcap's C++ kernels (once per machine), not loading
         self.eager_steps: dict[str, int] = {m.value: 0 for m in ForwardMode}
@@ -110,6 +114,7 @@ class ModelRunner:
             runner = self.graph_runners.get(mode)
             out[name] = runner.stats() if runner else {"mode": "eager", "replays": 0, "rejects": {}, "captured": []}
         out["compile"] = self.compiler.stats() if self.compiler is not None else {}
+        out["graph_cache"] = self.graph_cache.stats() if self.graph_cache is not None else {"enabled": False}
         return out
 
     @torch.inference_mode()

@@ -20,6 +20,7 @@ from graphcap.config import EngineConfig
 from graphcap.errors import UserError
 from graphcap.batch.forward_batch import ForwardMode
 from graphcap.executor.kv_cache import KVCache
+from graphcap.executor.graph_cache import open_graph_cache, prefetch_graph_cache
 from graphcap.executor.loader import ModelSource, build_model
 from graphcap.executor.model_runner import ModelRunner
 from graphcap.graph.reference import release_float64_copy
@@ -56,6 +57,23 @@ def kv_cache_tokens(cfg: EngineConfig, source: ModelSource, device: torch.device
     return DEFAULT_KV_CACHE_TOKENS
 
 
+def resolve_quantization(cfg: EngineConfig, source: ModelSource, device: torch.device) -> str | None:
+    """`quantization=None` means: a quantised GGUF computes on its own blocks where graphcap's block kernels
+    run (CPU, one rank); anything else loads unquantised. An explicit "gguf" must be possible."""
+    blocks = source.block_weights is not None
+    if cfg.quantization is None:
+        return "gguf" if blocks and device.type == "cpu" and cfg.tp_size == 1 else None
+    if cfg.quantization == "gguf":
+        if not blocks:
+            raise UserError(f"--quantization gguf needs a GGUF file with quantised tensors; {source.name} has none")
+        if device.type != "cpu":
+            raise UserError("--quantization gguf runs on CPU (graphcap's block kernels); on CUDA use "
+                            "--quantization none")
+        if cfg.tp_size > 1:
+            raise UserError("--quantization gguf runs on one rank; for tensor parallelism use --quantization none")
+    return cfg.quantization
+
+
 def custom_ops_for(cfg: EngineConfig) -> frozenset[str]:
     """Layers routed through custom ops: the configured ones, and all of them for FP8, whose fusion
     passes match the custom RMSNorm and activation ops."""
@@ -68,9 +86,16 @@ def build_local_runner(cfg: EngineConfig, source: ModelSource) -> ModelRunner:
     device = resolve_device(cfg)
     dtype = parse_dtype(cfg.dtype)
     custom_ops = custom_ops_for(cfg)
+    torch.set_num_threads(cfg.intra_op_threads())
+    prefetch_graph_cache(cfg)
     t0 = time.perf_counter()
+    quantization = resolve_quantization(cfg, source, device)
+    factory = quant_method_factory(quantization)
     with enabled_custom_ops(custom_ops):
-        model = build_model(source, dtype, device, quant_method_factory(cfg.quantization))
+        model = build_model(source, dtype, device, factory, keep_blocks=quantization == "gguf")
+    conversions = getattr(factory, "summary", lambda: None)()
+    if conversions:
+        log.warning("graphcap: %s", conversions)
     t_kernels = time.perf_counter()
     use_kernels = device.type == "cpu" and cfg.cpu_kernels and cpu_kernels.available()
     kernel_seconds = time.perf_counter() - t_kernels
@@ -80,17 +105,18 @@ def build_local_runner(cfg: EngineConfig, source: ModelSource) -> ModelRunner:
     runner.load_seconds = time.perf_counter() - t0 - kernel_seconds
     decode_cfg, prefill_cfg = cfg.decode_graph(), cfg.prefill_graph()
     if "piecewise" in (decode_cfg.mode, prefill_cfg.mode):
-        runner.compiler = _make_compiler(cfg, source, dtype, device, custom_ops)
+        runner.compiler = _make_compiler(cfg, source, dtype, device, custom_ops, quantization)
     limit = max_model_len(cfg, source)
+    runner.graph_cache = open_graph_cache(cfg, runner, limit)
     if decode_cfg.mode != "eager":
         decode = DecodeGraphRunner(runner, decode_cfg, cfg.max_running_requests, limit, runner.compiler)
-        decode.capture()
+        decode.capture(runner.graph_cache)
         runner.graph_runners[ForwardMode.DECODE] = decode
-        runner.graph_runners[ForwardMode.TARGET_VERIFY] = decode
     if prefill_cfg.mode != "eager":
         prefill = PrefillGraphRunner(runner, prefill_cfg, cfg.max_prefill_tokens, limit, runner.compiler)
-        prefill.capture()
+        prefill.capture(runner.graph_cache)
         runner.graph_runners[ForwardMode.PREFILL] = prefill
+    runner.graph_cache.save()
     release_float64_copy(runner)
     if runner.compiler is not None:
         log.info("compilation: %s", runner.compiler.summary())
@@ -98,10 +124,11 @@ def build_local_runner(cfg: EngineConfig, source: ModelSource) -> ModelRunner:
 
 
 def _make_compiler(
-    cfg: EngineConfig, source: ModelSource, dtype: torch.dtype, device: torch.device, custom_ops: frozenset[str]
+    cfg: EngineConfig, source: ModelSource, dtype: torch.dtype, device: torch.device, custom_ops: frozenset[str],
+    quantization: str | None,
 ) -> PiecewiseCompiler:
     model = {"config": dataclasses.asdict(source.config), "dtype": str(dtype), "device": device.type,
-             "quantization": cfg.quantization, "custom_ops": sorted(custom_ops), "tp_size": cfg.tp_size}
+             "quantization": quantization, "custom_ops": sorted(custom_ops), "tp_size": cfg.tp_size}
     return build_compiler(cfg.compilation(), digest_of(model), device)
 
 

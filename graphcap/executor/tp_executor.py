@@ -8,7 +8,6 @@ one broadcast of plain lists to every rank and rank 0's logits back.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -84,7 +83,7 @@ def join_group(cfg: EngineConfig, timeout_s: float = COLLECTIVE_TIMEOUT_S, **ini
 
 def join_tp_group(rank: int, world_size: int, port: int, cfg: EngineConfig) -> "GroupCoordinator":
     """Join the group a `WorkerGroup` started on this host."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share this host's cores
+    torch.set_num_threads(cfg.intra_op_threads())  # ranks share this host's cores
     return join_group(cfg, world_size=world_size, rank=rank, init_method=f"tcp://127.0.0.1:{port}")
 
 

@@ -17,6 +17,7 @@ import torch
 
 from graphcap.batch.forward_batch import ForwardBatch
 from graphcap.layers.linear import UnquantizedLinearMethod
+from graphcap.layers.quantization.block_quant import BlockQuantLinearMethod
 
 if TYPE_CHECKING:
     from graphcap.executor.model_runner import ModelRunner
@@ -37,9 +38,26 @@ def page_slots(batch: ForwardBatch, page_size: int) -> torch.Tensor:
 
 
 def has_float64_reference(model: torch.nn.Module) -> bool:
-    """A float64 copy is a plain copy of the parameters; quantised layers (FP8) store other tensors."""
+    """A float64 copy needs each layer's float values: plain weights, or weight-only blocks dequantised.
+    FP8 layers also quantise their activations, which a float copy would not reproduce."""
     methods = (getattr(m, "quant_method", None) for m in model.modules())
-    return all(method is None or isinstance(method, UnquantizedLinearMethod) for method in methods)
+    return all(method is None or isinstance(method, (UnquantizedLinearMethod, BlockQuantLinearMethod))
+               for method in methods)
+
+
+def float_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's parameters as plain `dtype` tensors, block-quantised weights replaced by their values.
+
+    The reference thereby judges a graph of a quantised model against the exact weights the blocks
+    encode: eager's error against it includes the kernels' rounding of activations, and so the graph's."""
+    state = {k: v.to(dtype) for k, v in model.state_dict().items() if v.is_floating_point()}
+    for name, module in model.named_modules(remove_duplicate=False):  # a tied table under both its names
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, BlockQuantLinearMethod):
+            state[f"{name}.weight"] = method.float_weight(module).to(dtype)
+        elif getattr(module, "qtype", None) is not None:  # an embedding table kept in blocks
+            state[f"{name}.weight"] = module.float_weight().to(dtype)
+    return state
 
 
 class Float64Reference:
@@ -65,7 +83,7 @@ class Float64Reference:
         src = self.mr.model
         with torch.device(self.mr.device):
             model = type(src)(src.config, torch.float64)
-        model.load_state_dict({k: v.to(torch.float64) for k, v in src.state_dict().items()})
+        model.load_state_dict(float_state_dict(src, torch.float64))
         copy = type(self.mr)(model.eval(), self.mr.config, torch.float64, self.mr.device,
                              self.max_pages * self.mr.page_size, self.mr.page_size, cpu_kernels=False)
         _FLOAT64_COPIES[self.mr] = copy

@@ -37,7 +37,10 @@ class RunnerStats:
     compile_seconds: float = 0.0  # compiling and capturing the buckets' graphs
     verify_seconds: float = 0.0
     timing_seconds: float = 0.0
+    restore_seconds: float = 0.0  # loading cached graphs and checking them (graph/cache.py)
     graph_memory_bytes: int = 0
+    cache_hits: int = 0  # buckets restored from the graph cache
+    cache_misses: Counter = field(default_factory=Counter)  # buckets captured instead, by reason
 
     clamped: dict | None = None
 
@@ -62,5 +65,7 @@ class RunnerStats:
             "compile_seconds": round(self.compile_seconds, 3),
             "verify_seconds": round(self.verify_seconds, 3),
             "timing_seconds": round(self.timing_seconds, 3),
+            "restore_seconds": round(self.restore_seconds, 3),
             "graph_memory_bytes": self.graph_memory_bytes,
+            "cache": {"hits": self.cache_hits, "misses": dict(self.cache_misses)},
         }

@@ -43,7 +43,8 @@ class LinearBase(nn.Module):
         self.tp_size = get_tp_size()
         self.quant_method = quant_method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, in_features, out_features, dtype)
-        self.weight.weight_loader = self.weight_loader
+        method_loader = getattr(self.quant_method, "weight_loader", None)  # a method that loads its own format
+        self.weight.weight_loader = method_loader(self) if method_loader else self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
             self.bias.weight_loader = self.weight_loader

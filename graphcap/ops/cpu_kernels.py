@@ -22,7 +22,7 @@ from graphcap.common.digest import default_cache_dir
 log = logging.getLogger("graphcap")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "paged_decode_attention.cpp", CSRC / "paged_prefill_attention.cpp"]
+SOURCES = [CSRC / "paged_decode_attention.cpp", CSRC / "paged_prefill_attention.cpp", CSRC / "gguf_linear.cpp"]
 HEADERS = [CSRC / "kernel_common.h"]
 CFLAGS = ["-O3", "-march=native", "-ffast-math"]
 
@@ -66,6 +66,10 @@ def _build() -> str:
     @torch.library.register_fake("graphcap_cpu::paged_prefill_attention")
     def _prefill_fake(q, k, v, k_cache, v_cache, slot_mapping, kv_indices, q_pos, out_index, scale):
         return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+    @torch.library.register_fake("graphcap_cpu::gguf_linear")
+    def _gguf_linear_fake(x, blocks, qtype, gemm_min_rows):
+        return x.new_empty(x.shape[0], blocks.shape[0])
 
     return "ready"
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from graphcap import LLM
-from graphcap.batch.forward_batch import ForwardMode
 from graphcap.graph.config import DecodeGraphConfig
 from graphcap.graph.probe import ProbeBatches
 from graphcap.graph.runners.decode import DecodeGraphRunner
@@ -54,9 +53,6 @@ def test_refusals_say_why(llm) -> None:
         assert runner.can_run(probes.decode(5, max_context=10)) == "batch_too_large"
         prefill = probes.prefill([3, 4], [0, 0])
         assert runner.can_run(prefill) == "not_decode"
-        verify = probes.decode(2, max_context=10)
-        verify.mode = ForwardMode.TARGET_VERIFY
-        assert runner.can_run(verify) == "target_verify"
     finally:
         probes.release()
 

@@ -24,7 +24,8 @@ def hf_smollm2_tokenizer(smollm2_gguf: Path):
 
 @pytest.fixture(scope="session")
 def smollm2_graphs():
-    """SmolLM2 in the engine's default graph modes (decode `full`, prefill `breakable`, default buckets)."""
+    """SmolLM2 as the engine loads it by default: on the file's own Q4_1/Q8_0 blocks, in the default graph
+    modes (decode `full`, prefill `breakable`, default buckets)."""
     from graphcap import LLM
 
     with LLM("smollm2", kv_cache_tokens=8192) as llm:
@@ -33,9 +34,20 @@ def smollm2_graphs():
 
 @pytest.fixture(scope="session")
 def smollm2_eager():
+    """The default weights (the file's blocks), eagerly."""
     from graphcap import LLM
 
     with LLM("smollm2", graph_decode="eager", graph_prefill="eager", kv_cache_tokens=8192) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32():
+    """The file dequantised to float32, eagerly: the numbers HF transformers computes on."""
+    from graphcap import LLM
+
+    with LLM("smollm2", quantization="none", graph_decode="eager", graph_prefill="eager",
+             kv_cache_tokens=4096) as llm:
         yield llm
 
 

@@ -10,13 +10,14 @@ weak, the pool could hand their memory to another bucket's capture and a replay 
 CPU: regional compilation. Each segment kind (first, middle, last) is compiled once with a dynamic token
 dimension, and the one compiled middle segment serves every layer (weights are inputs, not constants),
 so startup pays three small compiles instead of one whole-model trace per bucket. Segments are called
-as plain Inductor callables (segment_compile.py), without Dynamo's per-call entry cost.
+as plain Inductor callables (segment_compile.py), without Dynamo's per-call entry cost. With a graph cache
+each segment kind is one of its units.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -26,6 +27,9 @@ from graphcap.graph.backends.cpu_inductor import CPP_WRAPPER_OPTIONS, DEFAULT_IN
 from graphcap.common.cuda_graph import capture_stream
 from graphcap.graph.backends.segment_compile import CompiledSegment
 from graphcap.models.segments import SegmentedBody, run_segmented
+
+if TYPE_CHECKING:
+    from graphcap.graph.cache import GraphCache
 
 
 def _metadata(args: Sequence[torch.Tensor], page_size: int, live: AttentionMetadata | None) -> AttentionMetadata:
@@ -53,9 +57,20 @@ class CpuBreakableBackend:
         # One compiled segment per kind with a dynamic token dimension; every layer passes its own
         # weights as inputs, so the middle segment serves all of them and every bucket.
         options = {**DEFAULT_INDUCTOR_OPTIONS, **CPP_WRAPPER_OPTIONS, **inductor_options}
-        self.body = SegmentedBody(body.layers, CompiledSegment(body.first, 1, options),
-                                  CompiledSegment(body.middle, 2, options), CompiledSegment(body.last, 1, options),
-                                  body.attend)
+        self.segments = {"first": CompiledSegment(body.first, 1, options),
+                         "middle": CompiledSegment(body.middle, 2, options),
+                         "last": CompiledSegment(body.last, 1, options)}
+        self.body = SegmentedBody(body.layers, **self.segments, attend=body.attend)
+
+    def use_cache(self, cache: GraphCache) -> None:
+        """Load each segment kind from `cache` where it holds it, and save the ones compiled."""
+        for kind, segment in self.segments.items():
+            segment.unit = cache.unit(f"prefill_segment_{kind}")
+
+    def discard(self) -> None:
+        """Forget the compiled segments, and the cache's copies of them: the next capture compiles afresh."""
+        for segment in self.segments.values():
+            segment.reset()
 
     def capture(
         self,
@@ -69,7 +84,8 @@ class CpuBreakableBackend:
         def replay(current: tuple[torch.Tensor, ...], live: AttentionMetadata | None = None) -> torch.Tensor:
             return run_segmented(self.body, current[0], current[1], _metadata(current, self.page_size, live))
 
-        replay(args)
+        if not all(segment.ready for segment in self.segments.values()):
+            replay(args)  # compiles (or loads) the segments; once they are, a bucket needs nothing of its own
         return replay
 
     def memory_bytes(self) -> int:

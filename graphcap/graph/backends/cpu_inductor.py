@@ -6,16 +6,28 @@ compiled step); they are safe to drop because the runner only ever calls a bucke
 bucket's static buffers. Buckets whose arguments differ only in the dimensions the runner marks dynamic
 share one compile: a cold compile costs tens of seconds here, and the shared code runs as fast as
 per-size code (docs/benchmarks.md).
+
+Each compile is made with `aot_compile` (the same Dynamo trace and Inductor code as calling the compiled
+function, but returned as an object that can be saved), so that with a graph cache (graph/cache.py) a
+later start loads it without tracing the model again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+from torch import nn
 
+from graphcap.common.digest import digest_of
 from graphcap.graph.backends.base import Replay
+from graphcap.graph.cache import ARTIFACT
+
+if TYPE_CHECKING:
+    from graphcap.graph.cache import GraphCache
 
 # Measured on the 2-core CPU machine (docs/benchmarks.md, "Inductor options"); override per run with
 # `inductor_options` in the graph config. The generated wrapper re-checks every input's sizes, strides and
@@ -43,6 +55,11 @@ class InductorBackend:
     def __init__(self, options: dict) -> None:
         self.options = {**DEFAULT_INDUCTOR_OPTIONS, **options}
         self.compiled: dict[tuple, tuple[Callable, Callable]] = {}  # signature -> (fn, compiled copy)
+        self.cache: GraphCache | None = None
+
+    def use_cache(self, cache: GraphCache) -> None:
+        """Load compiles from `cache` where it holds them, and save the ones made."""
+        self.cache = cache
 
     def capture(
         self,
@@ -53,24 +70,69 @@ class InductorBackend:
     ) -> Replay:
         key = signature(fn, args, dynamic)
         if key not in self.compiled:
-            compiled = torch.compile(
-                fresh_function(fn),
-                fullgraph=True,
-                dynamic=False,
-                options={**self.options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
-            )
-            for index, dim in dynamic:
-                torch._dynamo.mark_dynamic(args[index], dim)
-            compiled(*args)
-            self.compiled[key] = (fn, compiled)  # fn kept alive, so its id in the key is never reused
+            step = self._load_or_compile(fn, args, dynamic, unit_name(fn, key))
+            self.compiled[key] = (fn, step)  # fn kept alive, so its id in the key is never reused
         compiled = self.compiled[key][1]
         return lambda current: compiled(*current)
+
+    def _load_or_compile(self, fn: Callable, args: tuple[torch.Tensor, ...], dynamic: Sequence[tuple[int, int]],
+                         name: str) -> Callable:
+        unit = self.cache.unit(name) if self.cache is not None else None
+        modules = closure_modules(fn)
+        if unit is not None:
+            loaded = unit.load(lambda path: _load(path, fn, modules))
+            if loaded is not None:
+                return loaded
+        compiled = torch.compile(
+            fresh_function(fn),
+            fullgraph=True,
+            dynamic=False,
+            options={**self.options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
+        )
+        for index, dim in dynamic:
+            torch._dynamo.mark_dynamic(args[index], dim)
+        with unit.compiling() if unit is not None else contextlib.nullcontext():
+            step = compiled.aot_compile((args, {}))
+            step.disable_guard_check()  # the guards were filtered out; this also skips binding the arguments
+            step(*args)  # anything the compiled code loads lazily loads now, from the unit's directory
+        if unit is not None:
+            unit.save(lambda path: step.save_compiled_function(str(path / ARTIFACT), external_data=modules))
+        return step
+
+    def discard(self) -> None:
+        """Forget every compile, and the cache's copies of them: the next captures compile afresh."""
+        for key, (fn, _) in list(self.compiled.items()):
+            if self.cache is not None:
+                self.cache.unit(unit_name(fn, key)).discard()
+        self.compiled.clear()
 
     def compiles(self) -> int:
         return len(self.compiled)
 
     def memory_bytes(self) -> int:
         return 0
+
+
+
+def closure_modules(fn: Callable) -> dict[str, nn.Module]:
+    """The modules `fn` closes over, by position: a saved compile refers to them by these names instead
+    of serialising them, and a load hands it the current process's modules under the same names."""
+    cells = fn.__closure__ or ()
+    return {f"closure{i}": c.cell_contents for i, c in enumerate(cells) if isinstance(c.cell_contents, nn.Module)}
+
+
+def _load(path: Path, fn: Callable, modules: dict[str, nn.Module]) -> Callable:
+    """A saved compile of `fn` (loading it loads its libraries, from the unit's directory)."""
+    with open(path / ARTIFACT, "rb") as f:
+        step = torch.compiler.load_compiled_function(f, f_globals=fn.__globals__, external_data=modules)
+    step.disable_guard_check()
+    return step
+
+
+def unit_name(fn: Callable, key: tuple) -> str:
+    """The graph cache's name for the compile of `fn` with `signature` `key`: the function's name and what
+    the compile was specialised on (the function's id is this process's, its code is in the cache key)."""
+    return f"{fn.__name__}-{digest_of(key[1:], length=12)}"
 
 
 def signature(fn: Callable, args: Sequence[torch.Tensor], dynamic: Sequence[tuple[int, int]]) -> tuple:

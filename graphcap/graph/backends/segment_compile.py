@@ -15,20 +15,34 @@ inference segment needs. Calling the generated code directly, tiny, two same-pro
 code is reached through torch internals (`CompiledFxGraph`; torch is pinned), so it is adopted only after
 it has returned exactly what the artifact returns on the first call's real inputs; otherwise the artifact
 is called.
+
+With a graph cache unit, the artifact is saved (`CompiledArtifact.save`) with what the export found: which
+module weights feed it and the structure of its outputs; a later start loads these instead of exporting
+and compiling.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
 from torch._inductor.output_code import CompiledFxGraph
 from torch.export.graph_signature import InputKind
-from torch.utils._pytree import tree_unflatten
+from torch.utils._pytree import tree_unflatten, treespec_dumps, treespec_loads
+
+from graphcap.graph.cache import ARTIFACT
+
+if TYPE_CHECKING:
+    from graphcap.graph.cache import CacheUnit
 
 # How deep the search for the generated code may go into the artifact's closures and attributes.
 _SEARCH_DEPTH = 8
+# Beside a saved artifact: its weight inputs (module index, parameter name) and its output structure.
+SEGMENT_META = "segment.json"
 
 
 class _SegmentModule(nn.Module):
@@ -60,8 +74,22 @@ class CompiledSegment:
         self.compiled: Callable[..., list[torch.Tensor]] | None = None
         self.run_flat: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
         self.direct = False  # whether run_flat is the generated code itself
+        self.unit: CacheUnit | None = None  # the graph cache's place for this segment's code, if any
         self._weights: list[tuple[int, str] | torch.Tensor] = []
         self._flat: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    @property
+    def ready(self) -> bool:
+        """Compiled (or loaded) and called once: every later call runs the chosen code."""
+        return self.run_flat is not None
+
+    def reset(self) -> None:
+        """Back to uncompiled, and the cache's copy removed: the next call compiles afresh."""
+        if self.unit is not None:
+            self.unit.discard()
+        self.compiled = self.run_flat = None
+        self.direct = False
+        self._weights, self._flat = [], {}
 
     def _compile(self, modules: Sequence[nn.Module], tensors: Sequence[torch.Tensor]) -> None:
         example = tuple(t.new_zeros((self.EXAMPLE_TOKENS, *t.shape[1:])) for t in tensors)
@@ -127,11 +155,42 @@ class CompiledSegment:
     def __call__(self, *modules_and_tensors: object) -> object:
         modules = modules_and_tensors[: self.num_modules]
         tensors = modules_and_tensors[self.num_modules:]
-        if self.compiled is None:
-            self._compile(modules, tensors)
-        flat = [*self.weights_of(modules), *tensors]
-        out = self._choose_runner(flat) if self.run_flat is None else self.run_flat(flat)
+        if self.run_flat is None:
+            out = self._first_call(modules, tensors)
+        else:
+            out = self.run_flat([*self.weights_of(modules), *tensors])
         return tree_unflatten(list(out), self.out_spec)
+
+    def _first_call(self, modules: Sequence[nn.Module], tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Load the segment from its cache unit, or compile it (and save it there); then choose its runner."""
+        unit = self.unit
+        if unit is not None:
+            out = unit.load(lambda path: self._load(path, modules, tensors))
+            if out is not None:
+                return out
+            self._weights, self._flat = [], {}  # whatever a failed load left
+        with unit.compiling() if unit is not None else contextlib.nullcontext():
+            self._compile(modules, tensors)
+            out = self._choose_runner([*self.weights_of(modules), *tensors])
+        if unit is not None:
+            unit.save(self._save)
+        return out
+
+    def _save(self, path: Path) -> None:
+        if any(isinstance(entry, torch.Tensor) for entry in self._weights):
+            raise ValueError("a segment that reads constant tensors is not saved")
+        self.compiled.save(path=str(path / ARTIFACT), format="binary")
+        meta = {"weights": self._weights, "out_spec": treespec_dumps(self.out_spec)}
+        (path / SEGMENT_META).write_text(json.dumps(meta))
+
+    def _load(self, path: Path, modules: Sequence[nn.Module], tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        from torch._inductor import CompiledArtifact
+
+        meta = json.loads((path / SEGMENT_META).read_text())
+        self._weights = [(int(index), str(name)) for index, name in meta["weights"]]
+        self.out_spec = treespec_loads(meta["out_spec"])
+        self.compiled = CompiledArtifact.load(path=str(path / ARTIFACT), format="binary")
+        return self._choose_runner([*self.weights_of(modules), *tensors])
 
 
 def _generated_code(artifact: object) -> CompiledFxGraph | None:

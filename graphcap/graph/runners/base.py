@@ -1,14 +1,15 @@
 """What every graph runner shares: the capture loop (largest bucket first, progress bar, capture failures
 kept as reasons), verification against eager, per-bucket eager-vs-graph selection, agreement across TP
-ranks, counters and the one-line summary. Subclasses own their shapes: buckets, static buffers, padding,
-probe batches, the eager reference and the context capture runs in (decode, prefill and encoders alike)."""
+ranks, restoring buckets from the graph cache, counters and the one-line summary. Subclasses own their
+shapes: buckets, static buffers, padding, probe batches, the eager reference and the context capture runs
+in (decode, prefill and encoders alike)."""
 
 from __future__ import annotations
 
 import logging
 import statistics
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm import tqdm
@@ -20,6 +21,9 @@ from graphcap.graph.reference import page_slots, read_kv
 from graphcap.graph.stats import BucketReport, RunnerStats
 from graphcap.graph.verify import accuracy, accuracy_within, compare, faster, interleaved_timings, max_abs_error
 
+if TYPE_CHECKING:
+    from graphcap.graph.cache import GraphCache
+
 log = logging.getLogger("graphcap")
 
 # Eager-vs-graph timing at capture: seconds per bucket and per runner, and the fewest turns a decision takes.
@@ -28,6 +32,8 @@ TOTAL_TIMING_BUDGET_S = 10.0
 MIN_TIMING_ITERS = 3
 # The largest batch (in tokens) verified against the float64 reference itself; see _verify_against_reference.
 REFERENCE_MAX_TOKENS = 256
+# Verdicts of a capture or replay that raised: kept for this start, never cached (the cause may be passing).
+UNCACHED_REASONS = ("capture_failed", "verify_failed")
 
 
 def agree_across_ranks(report: BucketReport) -> None:
@@ -59,6 +65,7 @@ class BucketedGraphRunner:
         self.select_mode = select
         self.atol, self.rtol = atol, rtol
         self.backend = None  # set by subclasses
+        self.cache: GraphCache | None = None  # set by capture() when it restores from and records in one
         self._stats = RunnerStats(mode=mode)
 
     # -- runner protocol (ModelRunner drives these) -------------------------------------------------
@@ -127,12 +134,23 @@ class BucketedGraphRunner:
         return "padding_slower_than_eager" if size < report.min_size else None
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, cache: GraphCache | None = None) -> None:
+        """Capture every bucket, or restore it from `cache`: a bucket the cache holds takes its saved decision,
+        and a graph bucket loads its compiled code and passes one cheap check instead of being verified and
+        timed again; a bucket the cache does not hold (or whose code is unreadable or fails the check) is
+        captured as without a cache. The decisions are recorded in `cache` afterwards."""
         t0 = time.perf_counter()
         rss0 = rss_bytes()
         probes = self._probes()
+        self.cache = cache if cache is not None and cache.enabled and hasattr(self.backend, "use_cache") else None
+        saved = self.cache.decisions(self.phase) if self.cache is not None else None
+        if self.cache is not None:
+            self.backend.use_cache(self.cache)
         self.reference = self._make_reference() if self.verify_mode != "off" else None
         self._eager_error: tuple[float, float] | None = None  # eager's error vs float64: logits, keys/values
+        if saved and saved.get("eager_error"):
+            self._eager_error = tuple(saved["eager_error"])
+        decisions = {str(k): v for k, v in (saved or {}).get("buckets", {}).items()}
         try:
             with self._capture_context():
                 bar = tqdm(self._capture_order(), desc=f"capture {self.phase} ({self.mode})",
@@ -140,35 +158,118 @@ class BucketedGraphRunner:
                 for bucket in bar:
                     bar.set_postfix(bucket=self._label(bucket))
                     report = self._stats.buckets[bucket] = BucketReport(bucket)
-                    skip = self._skip_reason(bucket)
-                    if skip is not None:
-                        report.status, report.reason = "eager", skip
-                        agree_across_ranks(report)
-                        continue
-                    t_capture = time.perf_counter()
-                    try:
-                        self._capture_bucket(bucket, probes)
-                    except Exception as e:  # an uncapturable bucket falls back to eager, with its reason kept
-                        if self.verify_mode == "strict":
-                            raise
-                        report.status, report.reason = "rejected", "capture_failed"
-                        log.warning("%s bucket %s: capture failed (%s: %s); it runs eagerly",
-                                    self.phase, self._label(bucket), type(e).__name__, e)
-                    else:
-                        self._stats.compile_seconds += time.perf_counter() - t_capture
-                        probes.release()  # the capture batch's pages go back before verification draws its own
-                        self._checked_verify_and_select(bucket, report, probes)
-                    finally:
-                        probes.release()  # so the cache never holds more than one bucket's probes
-                    agree_across_ranks(report)  # also after a failed capture, so no rank waits alone
+                    if self.cache is not None:
+                        if self._restore_bucket(bucket, report, decisions.get(self._label(bucket)), probes):
+                            self._stats.cache_hits += 1
+                            continue
+                        report = self._stats.buckets[bucket] = BucketReport(bucket)
+                    self._capture_cold(bucket, report, probes)
         finally:
             probes.release()
             if self.reference is not None:
                 self.reference.close()
                 self.reference = None
+        if self.cache is not None:
+            self.cache.record(self.phase, self._decisions())
         self._stats.capture_seconds = time.perf_counter() - t0
         self._stats.graph_memory_bytes = self.backend.memory_bytes() or max(0, rss_bytes() - rss0)
         self._log_summary()
+
+    def _capture_cold(self, bucket, report: BucketReport, probes: ProbeBatches) -> None:
+        """Capture, verify and time one bucket (the whole of a capture without a cache)."""
+        skip = self._skip_reason(bucket)
+        if skip is not None:
+            report.status, report.reason = "eager", skip
+            agree_across_ranks(report)
+            return
+        t_capture = time.perf_counter()
+        try:
+            self._capture_bucket(bucket, probes)
+        except Exception as e:  # an uncapturable bucket falls back to eager, with its reason kept
+            if self.verify_mode == "strict":
+                raise
+            report.status, report.reason = "rejected", "capture_failed"
+            log.warning("%s bucket %s: capture failed (%s: %s); it runs eagerly",
+                        self.phase, self._label(bucket), type(e).__name__, e)
+        else:
+            self._stats.compile_seconds += time.perf_counter() - t_capture
+            probes.release()  # the capture batch's pages go back before verification draws its own
+            self._checked_verify_and_select(bucket, report, probes)
+        finally:
+            probes.release()  # so the cache never holds more than one bucket's probes
+        agree_across_ranks(report)  # also after a failed capture, so no rank waits alone
+
+    def _decisions(self) -> dict:
+        """What the graph cache keeps of this capture: each bucket's report and eager's own error."""
+        buckets = {self._label(b): r.as_dict() for b, r in self._stats.buckets.items()
+                   if r.reason not in UNCACHED_REASONS}
+        return {"eager_error": self._eager_error, "buckets": buckets}
+
+    def _restore_bucket(self, bucket, report: BucketReport, saved: dict | None, probes: ProbeBatches) -> bool:
+        """Take a cached decision. A graph bucket also gets its code, and the bucket that loads a unit of code
+        from the cache checks it (`_check_restored`); when the code is unreadable or fails the check, the
+        bucket is captured again (counted with the reason).
+
+        Why once per unit rather than per bucket: buckets share their compiled code (decode's one dynamic-batch
+        compile, prefill's three segment kinds), each bucket was verified on exactly that code by the cold start
+        (the checksums say it is the same), and what else makes a bucket is graphcap's source (in the key).
+        What a warm start can get wrong is the code it read, and one check per unit reads all of it; checking
+        every bucket would replay (and run eagerly) a 2048-token prefill, seconds on a real model."""
+        if saved is None:
+            self._stats.cache_misses["not_cached"] += 1
+            return False
+        t0 = time.perf_counter()
+        reason = None
+        try:
+            for name, value in saved.items():
+                setattr(report, name, value)
+            if report.status != "graph":
+                return True
+            cache = self.cache
+            unreadable, absent, loaded = cache.unreadable, cache.absent, cache.loaded
+            self._capture_bucket(bucket, probes)
+            if cache.unreadable > unreadable or cache.absent > absent:  # compiled afresh: decide afresh too
+                reason = "artifact_unreadable" if cache.unreadable > unreadable else "artifact_missing"
+                return False
+            probes.release()
+            checks = self.cache.loaded > loaded and self.verify_mode != "off"
+            problem = self._check_restored(bucket, probes) if checks else None
+            if problem is not None:
+                reason = "check_failed"
+                log.warning("%s bucket %s: the cached graph failed its check (%s); capturing it again",
+                            self.phase, self._label(bucket), problem)
+                self.backend.discard()
+                return False
+            return True
+        except Exception as e:  # a restore that raises is a cold capture, not a failed engine
+            reason = "restore_failed"
+            log.warning("%s bucket %s: restoring the cached graph failed (%s: %s); capturing it again",
+                        self.phase, self._label(bucket), type(e).__name__, e)
+            self.backend.discard()
+            return False
+        finally:
+            probes.release()
+            seconds = time.perf_counter() - t0
+            if reason is None:
+                self._stats.restore_seconds += seconds
+            else:  # what was spent compiling afresh is compile time
+                self._stats.cache_misses[reason] += 1
+                self._stats.compile_seconds += seconds
+
+    def _check_restored(self, bucket, probes: ProbeBatches) -> str | None:
+        """None if the restored graph is right on one verification batch, else what is wrong. With eager's
+        error against float64 known from the cold start, this is verification's own check without the
+        float64 forward (bounded by eager's error, keys/values written and every other slot untouched);
+        without it, graph and eager must agree within the configured tolerances."""
+        batch = next(iter(self._verify_batches(bucket, probes)))
+        scratch = BucketReport(bucket, max_abs_diff=0.0)  # the check's figures do not replace the cold start's
+        if self._eager_error is not None:
+            ok, detail = self._verify_against_reference(batch, bucket, scratch, probes, float64=False)
+        else:
+            out, eager = self._replay_after_eager(batch, bucket)
+            diff, ok = compare(out, eager, self.atol, self.rtol)
+            detail = f"max |graph - eager| {diff:.3g}"
+        return None if ok else detail
 
     def _checked_verify_and_select(self, bucket: int, report: BucketReport, probes: ProbeBatches) -> None:
         """A replay that raises while being verified or timed is a rejected bucket, not a failed engine."""
@@ -217,7 +318,7 @@ class BucketedGraphRunner:
         return self._replay(batch, bucket), eager
 
     def _verify_against_reference(self, batch: ForwardBatch, bucket: int, report: BucketReport,
-                                  probes: ProbeBatches) -> tuple[bool, str]:
+                                  probes: ProbeBatches, float64: bool = True) -> tuple[bool, str]:
         """Logits and the keys/values the step writes, each judged against float64 with eager's error as
         the yardstick, and every other slot of the batch's pages left exactly as eager left it.
 
@@ -226,9 +327,10 @@ class BucketedGraphRunner:
         with NaN before the replay, so a graph that does not write them (stale keys) fails even where the
         step itself attends to its new token without reading it back. Batches too large for the reference
         (large prefill buckets, where a float64 forward costs seconds) are judged against eager instead, within the bound the float64 check implies: eager's own error,
-        measured on a smaller batch of the same model, times ERROR_FACTOR + 1.
+        measured on a smaller batch of the same model, times ERROR_FACTOR + 1. So is every batch with
+        `float64=False` (the check of a graph restored from the cache).
         """
-        reference = self.reference.run(batch) if self.reference.fits(batch) else None
+        reference = self.reference.run(batch) if float64 and self.reference.fits(batch) else None
         if reference is None and self._eager_error is None:
             self._calibrate(probes)
         kv = self.mr.kv_cache
@@ -315,7 +417,8 @@ class BucketedGraphRunner:
         for bucket, rep in sorted(s.buckets.items()):
             by_status.setdefault(rep.status, []).append(self._label(bucket))
         parts = ", ".join(f"{k}=[{', '.join(v)}]" for k, v in sorted(by_status.items()))
-        log.info("%s graphs (%s): %d buckets [%s] in %.1f s (compile+capture %.1f, verify %.1f, timing %.1f), "
-                 "memory +%.1f MiB", self.phase, self.mode, len(s.buckets), parts, s.capture_seconds,
-                 s.compile_seconds, s.verify_seconds, s.timing_seconds, s.graph_memory_bytes / 2**20)
+        log.info("%s graphs (%s): %d buckets [%s] in %.1f s (compile+capture %.1f, verify %.1f, timing %.1f, "
+                 "restore %.1f; %d from the graph cache), memory +%.1f MiB", self.phase, self.mode, len(s.buckets),
+                 parts, s.capture_seconds, s.compile_seconds, s.verify_seconds, s.timing_seconds, s.restore_seconds,
+                 s.cache_hits, s.graph_memory_bytes / 2**20)
 

@@ -67,8 +67,6 @@ class DecodeGraphRunner(BucketedGraphRunner):
         self.step_fn = self._step_fn()  # one function for every bucket, so a backend can share its trace
 
     def can_run(self, batch: ForwardBatch) -> str | None:
-        if batch.mode == ForwardMode.TARGET_VERIFY:
-            return "target_verify"
         if batch.mode != ForwardMode.DECODE:
             return "not_decode"
         if batch.batch_size > self.max_bs:

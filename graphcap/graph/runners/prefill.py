@@ -79,8 +79,6 @@ class PrefillGraphRunner(BucketedGraphRunner):
         self.body_fn = self._body_fn()  # one function for every bucket, so a backend can share its trace
 
     def can_run(self, batch: ForwardBatch) -> str | None:
-        if batch.mode == ForwardMode.TARGET_VERIFY:
-            return "target_verify"
         if batch.mode != ForwardMode.PREFILL:
             return "not_prefill"
         tokens = batch.num_tokens
