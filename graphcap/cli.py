@@ -178,6 +178,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peer_threads=args.peer_threads or sorted({1, EngineConfig(model=args.model).intra_op_threads()}),
     )
     result = run_bench(opts)
+    if args.kernels:
+        from graphcap.bench.kernels import decode_step_rows, gemm_crossover_rows, kernel_rows
+
+        result["results"] += kernel_rows() + decode_step_rows() + gemm_crossover_rows()
     if args.encoder:
         from graphcap.bench.encoder import encoder_rows
 
@@ -351,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--allreduce", action="store_true", help="also time all-reduce (always with --tp > 1)")
     bench.add_argument("--encoder", default=None, metavar="MODEL",
                        help="also time an encoder (e.g. minilm): eager vs full graphs, batch 1/8/32 x seq 16/128")
+    bench.add_argument("--kernels", action="store_true",
+                       help="also time the block-quantised linear kernels per SmolLM2 shape, a decode step's worth, "
+                            "and the integer/float-GEMM crossover")
     bench.add_argument("--peer", action="append", choices=["llamacpp"], default=[],
                        help="also time llama.cpp on the same GGUF file (needs the optional extra: "
                             "pip install -e '.[llamacpp]', a source build)")

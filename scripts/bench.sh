@@ -30,7 +30,7 @@ run() {  # run NAME [bench flags...]: one `graphcap bench`, its JSON (when asked
 
 run tiny
 echo
-run smollm2 --iters 4 --steps-per-turn 2 --e2e-iters 1
+run smollm2 --iters 4 --steps-per-turn 2 --e2e-iters 1 --peer llamacpp  # llama.cpp rows where the optional extra is installed
 echo
 # Real text from the real model (eager: the bench above measured its graphs; this only shows what it says).
 echo "== graphcap chat --model smollm2 --message 'What is the capital of France? Answer in one sentence.'" >&2

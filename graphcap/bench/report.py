@@ -71,6 +71,10 @@ COLUMNS: dict[str, list[Column]] = {
     "prefill": [("case", "case", str), ("tokens", "tokens", _num("d"))] + _STEP,
     "e2e": _E2E,
     "peer": _E2E,
+    "kernels": [("kernel", "mode", str), ("rows", "batch_size", _num("d")), ("threads", "threads", _num("d")),
+                ("ms", "ms_median", _num(".3f")), ("fp32 ms", "fp32_ms", _num(".3f")),
+                ("vs fp32", "speedup_vs_fp32", _speedup), ("GB/s", "gbps", _num(".1f")),
+                ("integer ms", "integer_ms", _num(".3f")), ("float GEMM ms", "gemm_ms", _num(".3f"))],
     "llamacpp": [("row", "mode", str), ("threads", "threads", _num("d")), ("requests", "batch_size", _num("d")),
                  ("graphcap", "graphcap", _num(".2f")), ("llama.cpp", "llamacpp", _num(".2f")),
                  ("unit", "unit", str), ("graphcap faster by", "speedup_vs_peer", _speedup)],
@@ -93,6 +97,8 @@ TITLES = {
     "prefill": "Prefill step latency",
     "e2e": "End-to-end generation: 16 requests x 32 prompt tokens, 64 new tokens (greedy, ignore_eos)",
     "peer": "Peers on the identical weights, same prompts (timed round-robin with the e2e rows)",
+    "kernels": "Block-quantised linear kernels vs torch fp32 F.linear on the dequantised weight (SmolLM2 shapes, "
+               "random blocks)",
     "llamacpp": "llama.cpp on the same GGUF file, same prompt and thread count (turns interleaved; batch 1: "
                 "ms per generated token, prefill excluded)",
     "floor": "Bandwidth floor (weights read per decode step / measured copy bandwidth)",

@@ -24,7 +24,9 @@ log = logging.getLogger("graphcap")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "paged_decode_attention.cpp", CSRC / "paged_prefill_attention.cpp", CSRC / "gguf_linear.cpp"]
 HEADERS = [CSRC / "kernel_common.h"]
-CFLAGS = ["-O3", "-march=native", "-ffast-math"]
+# -fopenmp: at::parallel_for is OpenMP in torch's CPU build, and without the flag its pragmas compile to one
+# thread, so `--threads` would not reach the kernels.
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 # The prefill kernel scores keys one at a time against a tile of queries; SDPA's blocked flash kernel
 # overtakes it on long contexts. Measured on the CPU machine (8 heads over 4 kv heads of 64): 1.2x faster
@@ -53,7 +55,7 @@ def _build() -> str:
         if not (build_dir / "graphcap_cpu_kernels.so").exists():  # a pause of seconds deserves a word
             print("graphcap: building the C++ CPU kernels (once per machine, about 10 s)", file=sys.stderr)
         load(name="graphcap_cpu_kernels", sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS,
-             build_directory=str(build_dir), is_python_module=False, verbose=False)
+             extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, no source, read-only cache: torch ops serve instead
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         log.warning("graphcap CPU kernels unavailable (%s); using torch ops instead", reason)

