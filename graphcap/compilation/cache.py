@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 
 from graphcap.common.digest import default_cache_dir, source_digest
+from graphcap.common.environ import environ
 from graphcap.compilation.config import CompilationConfig
 
 MANIFEST = "manifest.json"
@@ -77,16 +78,9 @@ class ArtifactCache:
             return
         inductor_dir = self.dir / "inductor"
         inductor_dir.mkdir(parents=True, exist_ok=True)
-        previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_dir)
-        try:
-            with (
-                torch._inductor.config.patch(fx_graph_cache=True),
-                torch._functorch.config.patch(enable_autograd_cache=True),
-            ):
-                yield
-        finally:
-            if previous is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+        with (
+            environ("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir)),
+            torch._inductor.config.patch(fx_graph_cache=True),
+            torch._functorch.config.patch(enable_autograd_cache=True),
+        ):
+            yield

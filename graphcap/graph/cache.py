@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from graphcap.common.digest import default_cache_dir, digest_of, source_digest
+from graphcap.common.environ import environ
 
 log = logging.getLogger("graphcap")
 
@@ -142,15 +143,8 @@ def _inductor_dir(path: Path) -> Iterator[None]:
     from torch._inductor.utils import clear_caches
 
     clear_caches()
-    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    try:
+    with environ("TORCHINDUCTOR_CACHE_DIR", str(path)):
         yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 def switched_off() -> bool:

@@ -107,7 +107,8 @@ def _unsupported(name: str, why: str = "") -> APIError:
     return bad(f"'{name}' is not supported by this server{why}", name, "unsupported_parameter")
 
 
-def parse_common(body: Any, allowed: set[str]) -> GenerationRequest:
+def _model_of(body: Any, allowed: set[str]) -> str:
+    """The requested model, once the body is an object of known arguments."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     for name in body:
@@ -116,6 +117,11 @@ def parse_common(body: Any, allowed: set[str]) -> GenerationRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' is required and must be a string", "model")
+    return model
+
+
+def parse_common(body: Any, allowed: set[str]) -> GenerationRequest:
+    model = _model_of(body, allowed)
     max_tokens = _int(body, "max_tokens", None, lo=1)
     if "max_completion_tokens" in allowed:
         mct = _int(body, "max_completion_tokens", None, lo=1)
@@ -243,14 +249,7 @@ class EmbeddingRequest:
 
 def parse_embedding(body: Any) -> EmbeddingRequest:
     """`input` as OpenAI takes it: a string, a list of strings, a list of token ids or a list of such lists."""
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    for name in body:
-        if name not in EMBEDDING_FIELDS:
-            raise bad(f"unrecognized request argument: {name!r}", name, "unsupported_parameter")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad("'model' is required and must be a string", "model")
+    model = _model_of(body, EMBEDDING_FIELDS)
     fmt = _opt(body, "encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise bad(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", "encoding_format")

@@ -86,6 +86,6 @@ def test_quant_method_factory() -> None:
     assert quant_method_factory("fp8-static")().activation_scheme == "static"
     assert quant_method_factory(None)() is None
     with pytest.raises(UserError, match="unknown quantization"):
-        quant_method_factory("int4")
+        quant_method_factory("int3")
     with pytest.raises(ValueError):
         Fp8LinearMethod("per-channel")
