@@ -11,6 +11,9 @@ torch formulation of the same numbers, used as the fallback and as the tests' re
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from graphcap.ops import cpu_kernels
@@ -108,6 +111,21 @@ def quantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
 def _kernel_ready() -> bool:
     """Whether the C++ op exists; a compiled graph bakes in the answer instead of tracing the build's lock."""
     return cpu_kernels.available()
+
+
+@contextmanager
+def float_only() -> Iterator[None]:
+    """Every block-quantised linear computes in float32 on the expanded weight while inside (the kernel's
+    own switch, so compiled graphs obey it too): capture verifies graphs this way, where eager's error against
+    float64 is float rounding rather than 8-bit activation rounding, which could hide a graph's fault."""
+    if not cpu_kernels.available():
+        yield  # the torch fallback computes in float32 already
+        return
+    torch.ops.graphcap_cpu.gguf_float_only(True)
+    try:
+        yield
+    finally:
+        torch.ops.graphcap_cpu.gguf_float_only(False)
 
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int) -> torch.Tensor:

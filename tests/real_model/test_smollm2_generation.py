@@ -59,14 +59,17 @@ def _top2_gap(logits: torch.Tensor) -> float:
 
 
 def _last_logits(llm, ids: list[int]) -> torch.Tensor:
-    """The next-token logits after `ids`, from one eager prefill of the engine's model."""
+    """The next-token logits after `ids`, eagerly, as generation computes them: a prefill of all but the last
+    token, then a decode step of one row (the block kernels' integer path; prefills of 80+ rows run in fp32)."""
     from graphcap.batch.forward_batch import ForwardMode
 
     runner = llm.runner
     table = runner.pool.alloc(runner.pool.pages_for(len(ids)))
     try:
-        batch = runner.make_batch(ForwardMode.PREFILL, [ids], [0], [table])
         with torch.inference_mode():
+            batch = runner.make_batch(ForwardMode.PREFILL, [ids[:-1]], [0], [table])
+            runner.model(batch.input_ids, batch.positions, batch.attn, None)
+            batch = runner.make_batch(ForwardMode.DECODE, [ids[-1:]], [len(ids) - 1], [table])
             return runner.model(batch.input_ids, batch.positions, batch.attn, None)[-1].float()
     finally:
         runner.pool.free(table)

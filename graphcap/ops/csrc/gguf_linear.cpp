@@ -11,6 +11,7 @@
 //
 // Large batches (prefill) are compute-bound instead: there the caller's threshold sends the call to the float
 // GEMM on the weight expanded once per call.
+#include <atomic>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -454,8 +455,16 @@ void dequantize_rows(const uint8_t* w, int64_t qtype, int64_t nb, int64_t begin,
   }
 }
 
+// Graph verification judges a graph against a float64 reference of the dequantised weights, with eager's own
+// error as the yardstick. On the integer path that error is the activations' 8-bit rounding, large enough to
+// hide a graph's fault; while verifying, capture switches every call (eager's and the graph's) to the float
+// path, whose error is float32 rounding, and back afterwards.
+std::atomic<bool> g_float_only{false};
+
+void set_float_only(bool on) { g_float_only.store(on); }
+
 // x [M, K] float32 @ W^T, W as blocks [N, K/32 * bytes per block] -> [M, N] float32: the integer kernel for
-// M < gemm_min_rows, else float32 GEMM on W expanded once for the call.
+// M < gemm_min_rows, else (or in float-only mode) float32 GEMM on W expanded once for the call.
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t gemm_min_rows) {
   TORCH_CHECK(qtype == kQ8_0 || qtype == kQ4_0 || qtype == kQ4_1, "gguf_linear: unknown block type code ", qtype);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gguf_linear: x must be a 2-d float32 tensor");
@@ -469,7 +478,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qt
   const at::Tensor xc = x.contiguous(), wc = blocks.contiguous();
   const uint8_t* w = wc.data_ptr<uint8_t>();
   at::Tensor out = at::empty({m, n}, x.options());
-  if (m >= gemm_min_rows) {
+  if (m >= gemm_min_rows || g_float_only.load(std::memory_order_relaxed)) {
     // The weight is expanded a chunk of rows at a time into a buffer that stays in cache, each chunk's
     // product written straight into its columns of the output (a row-major view with the output's stride).
     const int64_t chunk = std::max<int64_t>(16, kGemmChunkBytes / (k * 4));
@@ -502,6 +511,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qt
 
 TORCH_LIBRARY_FRAGMENT(GGUF_LINEAR_LIBRARY, m) {
   m.def("gguf_linear(Tensor x, Tensor blocks, int qtype, int gemm_min_rows) -> Tensor");
+  m.def("gguf_float_only(bool on) -> ()", &set_float_only);
 }
 
 TORCH_LIBRARY_IMPL(GGUF_LINEAR_LIBRARY, CPU, m) { m.impl("gguf_linear", &gguf_linear); }
