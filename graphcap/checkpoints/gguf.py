@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from graphcap.checkpoints.gguf_header import read_header
 from graphcap.errors import UserError
 
 # GGUF architecture -> HF architecture name our model registry knows.
@@ -65,14 +66,11 @@ class GGUFCheckpoint:
     """One GGUF file, validated up front so a bad file fails before any model is built."""
 
     def __init__(self, path: str | Path) -> None:
-        from gguf import GGUFReader
-
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise UserError(f"GGUF file {str(self.path)!r} does not exist")
         try:
-            self._reader = GGUFReader(str(self.path))
-            self.metadata: dict[str, Any] = {k: f.contents() for k, f in self._reader.fields.items()}
+            self.metadata, self._tensors = read_header(self.path)
         except (ValueError, IndexError, OSError, TypeError, KeyError, UnicodeDecodeError, MemoryError) as e:
             raise UserError(f"{self.path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
         self.arch = self._architecture()
@@ -104,7 +102,7 @@ class GGUFCheckpoint:
         vocab = self._get("vocab_size") or (len(tokens) if tokens is not None else None)
         if vocab is None:
             vocab = self._tensor_shape("token_embd.weight")[0]
-        if any(t.name.startswith("rope_freqs") for t in self._reader.tensors):
+        if any(t.name.startswith("rope_freqs") for t in self._tensors):
             raise UserError(f"{self.path}: rotary frequency tensors (llama3 rope scaling in GGUF) are not supported")
         if self._get("rope.scaling.type") not in (None, "none"):
             raise UserError(f"{self.path}: rope scaling {self._get('rope.scaling.type')!r} is not supported")
@@ -134,10 +132,10 @@ class GGUFCheckpoint:
         return cfg
 
     def _has_tensor(self, name: str) -> bool:
-        return any(t.name == name for t in self._reader.tensors)
+        return any(t.name == name for t in self._tensors)
 
     def _tensor_shape(self, name: str) -> tuple[int, ...]:
-        for t in self._reader.tensors:
+        for t in self._tensors:
             if t.name == name:
                 return tuple(int(d) for d in reversed(t.shape))
         raise UserError(f"{self.path} has no tensor {name}")
@@ -145,7 +143,7 @@ class GGUFCheckpoint:
     def _check_tensors(self) -> None:
         from gguf import GGML_QUANT_SIZES
 
-        for t in self._reader.tensors:
+        for t in self._tensors:
             if t.tensor_type not in GGML_QUANT_SIZES:
                 raise UserError(f"{self.path}: tensor {t.name} has an unknown type {int(t.tensor_type)}")
             if self._hf_name(t.name) is None:
@@ -191,7 +189,7 @@ class GGUFCheckpoint:
         layers that compute on the file's own blocks (a layer that cannot dequantises them on loading)."""
         from gguf import quants
 
-        for t in self._reader.tensors:
+        for t in self._tensors:
             if keep_blocks and self._is_quantized_matrix(t):
                 yield self._hf_name(t.name), self._blocks_of(t)
                 continue
@@ -207,12 +205,12 @@ class GGUFCheckpoint:
             yield self._hf_name(t.name), tensor
 
     def has_quantized_tensors(self) -> bool:
-        return any(self._is_quantized_matrix(t) for t in self._reader.tensors)
+        return any(self._is_quantized_matrix(t) for t in self._tensors)
 
     def blocks(self) -> dict[str, QuantizedBlocks]:
         """Every quantised 2-D tensor's blocks by HF name (rows in HF order), memory-mapped, not copied
         beyond the row reorder of q/k."""
-        return {self._hf_name(t.name): self._blocks_of(t) for t in self._reader.tensors if self._is_quantized_matrix(t)}
+        return {self._hf_name(t.name): self._blocks_of(t) for t in self._tensors if self._is_quantized_matrix(t)}
 
     @staticmethod
     def _is_quantized_matrix(tensor) -> bool:
