@@ -90,17 +90,12 @@ def _json_or_path(text: str | None, flag: str) -> dict | None:
     """A JSON object given inline (it starts with "{") or as a file path."""
     if text is None:
         return None
+    from graphcap.common.json_file import parse_json_object
     from graphcap.config import load_json_config
 
     if not text.lstrip().startswith("{"):
         return load_json_config(text)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{flag} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{flag} must be a JSON object")
-    return data
+    return parse_json_object(text, flag)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -16,10 +16,15 @@ def read_json_object(path: Path) -> dict:
         raise UserError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
+    return parse_json_object(text, str(path))
+
+
+def parse_json_object(text: str, what: str) -> dict:
+    """The object `text` holds; malformed JSON or another kind of value is a one-line UserError naming `what`."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+        raise UserError(f"{what} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object")
+        raise UserError(f"{what} must hold a JSON object")
     return data

@@ -36,7 +36,7 @@ def _check_type(qtype: str) -> None:
         raise ValueError(f"GGUF block type {qtype!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
 
 
-def _check_blocks(blocks: torch.Tensor, qtype: str, in_features: int, source: str = "") -> None:
+def check_blocks(blocks: torch.Tensor, qtype: str, in_features: int, source: str = "") -> None:
     """Every entry point validates up front: a wrong byte count would otherwise read another row's blocks.
     `source` says where in_features came from, for the message."""
     _check_type(qtype)
@@ -53,7 +53,7 @@ def _check_blocks(blocks: torch.Tensor, qtype: str, in_features: int, source: st
 def dequantize(blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
     """[N, bytes per row] uint8 -> [N, in_features] float32, with the gguf package's exact arithmetic (the
     same products and sums in float32, so the results match it bitwise)."""
-    _check_blocks(blocks, qtype, in_features)
+    check_blocks(blocks, qtype, in_features)
     n, nb = blocks.shape[0], in_features // BLOCK
     raw = blocks.contiguous().view(n, nb, BYTES_PER_BLOCK[qtype])
     halves = raw.view(torch.float16).float()  # every 2-byte pair; [..., 0] is d, [..., 1] Q4_1's m
@@ -136,7 +136,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features:
     the weight is expanded in torch and every batch is computed in float32.
     """
     in_features = x.shape[-1]
-    _check_blocks(blocks, qtype, in_features, f" (the last dimension of x, shape {tuple(x.shape)})")
+    check_blocks(blocks, qtype, in_features, f" (the last dimension of x, shape {tuple(x.shape)})")
     if blocks.shape[0] != out_features:
         raise ValueError(f"{qtype} blocks have {blocks.shape[0]} rows, not out_features={out_features}")
     flat = x.dim() == 2  # the decode case: no reshapes, each costs about a microsecond of Python per layer

@@ -25,7 +25,16 @@ from torch import nn
 
 from graphcap.checkpoints.gguf import QuantizedBlocks
 from graphcap.errors import UserError
-from graphcap.ops.gguf_kernels import SUPPORTED_TYPES, dequantize, gguf_linear, quantize
+from graphcap.ops import cpu_kernels
+from graphcap.ops.gguf_kernels import (
+    GEMM_MIN_ROWS,
+    SUPPORTED_TYPES,
+    TYPE_CODES,
+    check_blocks,
+    dequantize,
+    gguf_linear,
+    quantize,
+)
 
 if TYPE_CHECKING:
     from graphcap.layers.linear import LinearBase
@@ -43,6 +52,7 @@ class BlockQuantLinearMethod:
         self.conversions = conversions  # shared by a model's layers: "Q6_K -> Q8_0" -> tensors
         self.parts: dict[str | int | None, torch.Tensor | QuantizedBlocks] = {}
         self.qtype: str | None = None  # None: the layer computes in float (its checkpoint tensors were float)
+        self.kernel = False  # whether graphcap's C++ op runs the blocks (else the torch formulation)
 
     def create_weights(self, layer: "LinearBase", in_features: int, out_features: int, dtype: torch.dtype) -> None:
         if in_features % BLOCK:
@@ -70,8 +80,7 @@ class BlockQuantLinearMethod:
 
     def process_weights_after_loading(self, layer: "LinearBase") -> None:
         if self.target is not None:
-            self.qtype = self.target
-            layer.weight = nn.Parameter(quantize(layer.weight.data.float(), self.target), requires_grad=False)
+            self._set_blocks(layer, quantize(layer.weight.data.float(), self.target), self.target)
             return
         parts = [self.parts[key] for key in sorted(self.parts, key=_shard_order)]
         self.parts = {}
@@ -81,18 +90,32 @@ class BlockQuantLinearMethod:
             return
         (qtype,) = types if len(types) == 1 else (None,)
         if qtype in SUPPORTED_TYPES:
-            self.qtype = qtype
-            layer.weight = nn.Parameter(torch.cat([p.data for p in parts]).contiguous(), requires_grad=False)
+            self._set_blocks(layer, torch.cat([p.data for p in parts]).contiguous(), qtype)
             return
         floats = [p.dequantize() if isinstance(p, QuantizedBlocks) else p.float() for p in parts]
         self.conversions[f"{'+'.join(sorted(types))} -> {FALLBACK_TYPE}"] += 1
-        self.qtype = FALLBACK_TYPE
-        layer.weight = nn.Parameter(quantize(torch.cat(floats), FALLBACK_TYPE), requires_grad=False)
+        self._set_blocks(layer, quantize(torch.cat(floats), FALLBACK_TYPE), FALLBACK_TYPE)
+
+    def _set_blocks(self, layer: "LinearBase", blocks: torch.Tensor, qtype: str) -> None:
+        check_blocks(blocks, qtype, self.in_features)
+        if blocks.shape[0] != self.out_features:
+            raise UserError(f"{qtype} blocks of {blocks.shape[0]} rows for a layer of {self.out_features} outputs")
+        self.qtype, self.kernel = qtype, cpu_kernels.available()
+        layer.weight = nn.Parameter(blocks, requires_grad=False)
 
     def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The blocks were checked once, at load (`_set_blocks`), so eager steps call the C++ op directly:
+        `gguf_linear`'s per-call checks cost 2.3 us of a 12 us call, and an eager SmolLM2 decode step makes
+        121 of them (compiled graphs trace the checks away either way)."""
         if self.qtype is None:
             return F.linear(x, layer.weight, bias)
-        out = gguf_linear(x.float(), layer.weight, self.qtype, self.out_features).to(x.dtype)
+        if self.kernel:
+            flat = x.reshape(-1, self.in_features).float()
+            out = torch.ops.graphcap_cpu.gguf_linear(flat, layer.weight, TYPE_CODES[self.qtype], GEMM_MIN_ROWS)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+        else:
+            out = gguf_linear(x.float(), layer.weight, self.qtype, self.out_features)
+        out = out.to(x.dtype)
         return out if bias is None else out + bias
 
     def float_weight(self, layer: "LinearBase") -> torch.Tensor:
